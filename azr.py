@@ -1,0 +1,1158 @@
+"""Absolute Zero (Zhao et al., 2025, arXiv 2505.03335): reinforced self-play reasoning with zero data.
+
+One model plays two roles. As proposer it writes Python tasks of three kinds (deduction: program + input ->
+output; abduction: program + output -> input; induction: input/output pairs + message -> program); the
+sandboxed executor checks and answers them. As solver it answers those tasks and the executor grades the
+answers. Both roles are trained together with Task-Relative REINFORCE++. The contract is ../shared/SPEC.md.
+
+Reading guide (paper -> code, top to bottom):
+  prompts, Fig. 4 / App. C ........ R1_TEMPLATE, propose_deduction, propose_abduction, propose_induction,
+                                     solve_deduction, solve_abduction, solve_induction
+  format reward, Eq. 6 ............. extract_answer, format_ok
+  task validation, Sec. 3.3.3 ...... check_program, parse_proposal, parse_induction_proposal, validate_proposals
+  answer checking, Sec. 3.3.4 ...... grade_answers
+  rewards, Eq. 4-6 ................. learnability_reward, proposer_reward, solver_reward
+  TRR++, Eq. 8 ..................... trr_advantages, policy_loss, policy_update
+  buffers + zero triplet, Sec. 3.3.1 TaskBuffer, ZERO_TRIPLET, seed_buffers
+  one step, Algorithm 1 ............ azr_step
+  CRUXEval, Sec. 4 ................. evaluate_cruxeval
+  CLI .............................. main (train), `azr.py eval`, `azr.py plot`
+
+Usage: python azr.py --model Qwen2.5-3B    |    torchrun --nproc_per_node 8 azr.py ...    |    see README.md
+"""
+import argparse
+import ast
+import io
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import threading
+import time
+import tokenize
+from collections import deque
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from executor import Executor, parse_args, parse_value, values_equal
+from kernels import linear_logprobs
+from model import Transformer, generate, load_model, save_model
+
+KINDS = ("deduction", "abduction", "induction")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config: the paper's settings (Table 3) as defaults; every field is a command-line flag.
+
+@dataclass
+class Config:
+    model: str = field(default="Qwen2.5-Coder-3B", metadata=dict(help="'tiny', a local HF directory, a hub id or a short name (Qwen2.5-3B, ...)"))
+    out_dir: str = field(default="runs/azr", metadata=dict(help="run directory: metrics.jsonl, samples, checkpoints"))
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata=dict(help="cuda or cpu"))
+    steps: int = field(default=500, metadata=dict(help="self-play steps (paper: 500)"))
+    batch_size: int = field(default=64, metadata=dict(help="prompts per task-role batch (6 batches per step)"))
+    tasks: str = field(default="deduction,abduction,induction", metadata=dict(help="task kinds to play (ablation: e.g. 'deduction')"))
+    train_proposer: bool = field(default=True, metadata=dict(help="train on proposer responses (ablation: solver only)"))
+    n_learnability: int = field(default=8, metadata=dict(help="N solver samples that estimate a proposal's solve rate (Eq. 4)"))
+    k_references: int = field(default=6, metadata=dict(help="K reference snippets shown to the deduction/abduction proposer"))
+    n_induction_inputs: int = field(default=10, metadata=dict(help="inputs per induction proposal (half shown, half hidden)"))
+    temperature: float = field(default=1.0, metadata=dict(help="sampling temperature for training rollouts"))
+    top_p: float = field(default=1.0, metadata=dict(help="nucleus sampling for training rollouts"))
+    max_prompt_tokens: int = field(default=6144, metadata=dict(help="longer prompts drop references or are skipped"))
+    max_response_tokens: int = field(default=8096, metadata=dict(help="generation limit per response"))
+    lr: float = field(default=1e-6, metadata=dict(help="AdamW learning rate (constant)"))
+    weight_decay: float = field(default=0.01, metadata=dict(help="AdamW weight decay"))
+    grad_clip: float = field(default=1.0, metadata=dict(help="global gradient-norm clip"))
+    clip_ratio: float = field(default=0.2, metadata=dict(help="PPO ratio clip"))
+    entropy_coef: float = field(default=0.001, metadata=dict(help="entropy bonus coefficient"))
+    trivial_proposal_reward: float = field(default=0.0, metadata=dict(help="proposer reward when the solve rate is 0 or 1 (paper 0, upstream -0.5)"))
+    micro_batch_tokens: int = field(default=16384, metadata=dict(help="padded tokens per training micro-batch"))
+    grad_checkpoint: bool = field(default=True, metadata=dict(help="recompute decoder blocks in backward to save memory"))
+    exec_timeout: float = field(default=10.0, metadata=dict(help="executor wall-clock limit per program, seconds"))
+    exec_workers: int = field(default=os.cpu_count() or 1, metadata=dict(help="executor worker processes"))
+    max_output_chars: int = field(default=400, metadata=dict(help="proposals whose output repr is longer are invalid"))
+    buffer_cap: int = field(default=16384, metadata=dict(help="FIFO cap per task buffer"))
+    seed_file: str = field(default="", metadata=dict(help="upstream *_seed_io.jsonl; its *_code_f_ twin is read too if present"))
+    seed_size: int = field(default=256, metadata=dict(help="seeding target per buffer pool when no --seed-file (0: zero triplet only)"))
+    seed_rounds: int = field(default=64, metadata=dict(help="give up seeding after this many proposal rounds"))
+    seed: int = field(default=0, metadata=dict(help="random seed (buffers, sampling)"))
+    save_every: int = field(default=10, metadata=dict(help="checkpoint every N steps (0: only at the end)"))
+    resume: str = field(default="", metadata=dict(help="checkpoint directory to resume from, or 'auto' for the latest in out_dir"))
+    eval_every: int = field(default=0, metadata=dict(help="CRUXEval-I/O every N steps (0: never)"))
+    eval_data: str = field(default="", metadata=dict(help="cruxeval.jsonl for --eval-every"))
+    eval_limit: int = field(default=0, metadata=dict(help="evaluate on the first N items only (0: all)"))
+    log_samples: int = field(default=2, metadata=dict(help="proposer and solver samples per task-role written to samples.txt each step"))
+    peak_tflops: float = field(default=0.0, metadata=dict(help="accelerator bf16 peak for MFU (0: guess from the device name)"))
+
+    @property
+    def kinds(self):
+        kinds = tuple(k.strip() for k in self.tasks.split(",") if k.strip())
+        if not kinds or set(kinds) - set(KINDS):
+            raise SystemExit(f"error: --tasks must be a comma list of {', '.join(KINDS)}; got {self.tasks!r}")
+        return kinds
+
+
+def parse_config(argv, prog="azr.py") -> Config:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+    return Config(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts (paper Fig. 4 and App. C; the task texts are our own words, SPEC section 2).
+
+# The DeepSeek-R1-Zero instruction, verbatim: evaluation tooling matches this exact string.
+R1_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
+    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
+    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think> <answer> answer here </answer>. User: {}\nAssistant: <think>")
+
+BANNED_MODULES = frozenset("""logging random multiprocessing pebble subprocess threading datetime time hashlib hmac
+    bcrypt calendar os sys shutil socket ctypes importlib signal resource""".split())
+BANNED_CALLS = frozenset("input open exec eval compile __import__ breakpoint exit quit".split())
+
+CODE_RULES = f"""- Define a function named `f` that takes at least one argument and returns a value.
+- Put imports and helper classes at the top; helper functions may also be nested inside `f`.
+- It must be deterministic: no randomness, no date or time, no file or network access, no printing, no state
+  outside the function.
+- Do not use any of these words anywhere, not even in comments: {', '.join(sorted(BANNED_MODULES | BANNED_CALLS))}."""
+
+INPUT_RULES = """- Write the input exactly as the arguments between the parentheses of a call `f(...)`: `'John', {'age': 20}`
+  passes two arguments. Use literal values only (numbers, strings, lists, tuples, dicts, sets)."""
+
+PROPOSE_IO = """## Task: invent a Python program `f` and one input for it
+
+You are writing a puzzle for another reasoner. {goal}
+
+The program:
+{code_rules}
+- It must finish within {timeout:g} seconds.
+- Make it demand real reasoning: state that changes over several steps, loops, branches, several stages of logic.
+- Make it clearly different from every reference program below.
+
+The input:
+{input_rules}
+
+Inside <answer> </answer>, give exactly two fenced blocks:
+```python
+def f(...):
+    ...
+```
+```input
+<arguments>
+```
+
+### Reference programs, with an input and the output it gives
+{references}"""
+
+PROPOSE_GOALS = dict(
+    deduction="The reasoner will see your program and your input and must predict the output, so choose both so "
+              "that the output is hard to work out.",
+    abduction="The reasoner will see your program and the output of your input and must find an input that gives "
+              "that output, so choose both so that the input is hard to recover.")
+
+PROPOSE_INDUCTION = """## Task: choose inputs and a message that reveal a hidden program
+
+Below is a Python function `f`. Another reasoner will see half of the inputs you choose, the outputs `f` returns
+for them, and your message, and must then write `f` itself; the other half of your inputs are kept back to check
+the program it writes.
+
+- Write {n} different inputs, each in its own ```input block.
+{input_rules}
+- Choose inputs that together pin down what `f` does: typical cases, edge cases, cases that tell plausible
+  alternatives apart.
+- Write one ```message block: a short hint that helps infer the function without quoting its code.
+
+```python
+{program}
+```
+f(<|YOUR INPUT WILL BE PLUGGED HERE|>)"""
+
+SOLVE_DEDUCTION = """## Task: predict the output
+
+Work out, step by step, what the Python function `f` below returns for the given input. Give the returned value
+as a Python literal inside a ```output block (quote strings; a tuple if several values are returned).
+
+```python
+{program}
+```
+```input
+{input}
+```"""
+
+SOLVE_ABDUCTION = """## Task: find an input
+
+Find arguments for which the Python function `f` below returns exactly the given output; any such input counts.
+Give them inside a ```input block, written as the arguments between the parentheses of a call `f(...)`, with
+literal values only.
+
+```python
+{program}
+```
+```output
+{output}
+```"""
+
+SOLVE_INDUCTION = """## Task: write the program
+
+Infer the Python function `f` from the input/output examples and the message below, then write it in one
+```python block. It will be checked on further inputs that are not shown here.
+{code_rules}
+
+{pairs}
+```message
+{message}
+```"""
+
+
+def fence(lang, text):
+    return f"```{lang}\n{text}\n```"
+
+
+def propose_io(kind, references, cfg):
+    refs = "\n".join(f"<snippet_{k}>\n{fence('python', r['program'])}\n{fence('input', r['input'])}\n"
+                     f"{fence('output', r['output'])}\n</snippet_{k}>" for k, r in enumerate(references))
+    return PROPOSE_IO.format(goal=PROPOSE_GOALS[kind], code_rules=CODE_RULES, timeout=cfg.exec_timeout,
+                             input_rules=INPUT_RULES, references=refs)
+
+
+def propose_deduction(references, cfg):
+    return propose_io("deduction", references, cfg)
+
+
+def propose_abduction(references, cfg):
+    return propose_io("abduction", references, cfg)
+
+
+def propose_induction(program, cfg):
+    return PROPOSE_INDUCTION.format(n=cfg.n_induction_inputs, input_rules=INPUT_RULES, program=program)
+
+
+def solve_deduction(task):
+    return SOLVE_DEDUCTION.format(program=task["program"], input=task["input"])
+
+
+def solve_abduction(task):
+    return SOLVE_ABDUCTION.format(program=task["program"], output=task["output"])
+
+
+def solve_induction(task):
+    half = len(task["inputs"]) // 2
+    pairs = "\n".join(f"{fence(f'input_{k}', i)}\n{fence(f'output_{k}', o)}"
+                      for k, (i, o) in enumerate(zip(task["inputs"][:half], task["outputs"][:half])))
+    return SOLVE_INDUCTION.format(code_rules=CODE_RULES, pairs=pairs, message=task["message"])
+
+
+SOLVE_PROMPT = dict(deduction=solve_deduction, abduction=solve_abduction, induction=solve_induction)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Answers and format (Eq. 6): the prompt ends in "<think>", so the model's text continues inside the think block.
+
+FORMAT_RE = re.compile(r"(?s)<think>.*?</think>\s*<answer>.*?</answer>")
+
+
+def format_ok(response):
+    return FORMAT_RE.match("<think>" + response) is not None
+
+
+def extract_answer(response):
+    """Text between the last <answer> and the next </answer>; None when there is none."""
+    start = response.rfind("<answer>")
+    if start < 0:
+        return None
+    end = response.find("</answer>", start)
+    return response[start + len("<answer>"): end if end >= 0 else None] if end >= 0 else None
+
+
+def fenced_blocks(text, lang):
+    """Contents of ```lang blocks, in order. lang='python' also takes untagged blocks (SPEC 3)."""
+    tags = r"(?:python|py)?" if lang == "python" else re.escape(lang)
+    return [m.strip("\n") for m in re.findall(rf"```{tags}[ \t]*\n(.*?)```", text or "", re.S)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Proposal validation (Sec. 3.3.3, SPEC 3). The AST rules here are a quality filter; the sandbox is the boundary.
+
+class Invalid(ValueError):
+    """A proposal or answer that breaks a rule; the message names the rule."""
+
+
+def check_program(code, strip=False):
+    """SPEC rules 1-2: parses, defines a top-level function (the first one becomes `f`), no banned import or call.
+    strip=True (seeding only) also drops comments and top-level statements other than imports/defs/classes."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
+        raise Invalid(f"program does not parse: {type(e).__name__}")
+    defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if not defs:
+        raise Invalid("program defines no top-level function")
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+            if BANNED_MODULES & {part for name in names for part in name.split(".")}:
+                raise Invalid(f"banned import in line {node.lineno}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in BANNED_CALLS:
+            raise Invalid(f"banned call {node.func.id}() in line {node.lineno}")
+    entry = defs[0].name
+    if entry != "f" and any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == "f" for n in tree.body):
+        raise Invalid("the first function is not f but another top-level f exists")
+    if strip:
+        tree.body = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef))]
+        code = ast.unparse(tree)
+    return code if entry == "f" else rename_function(code, entry, "f")
+
+
+def rename_function(code, old, new):
+    """Rename a function and its call sites token by token, so comments (a proposer->solver channel that the paper
+    found useful, App. D) survive; attribute names like `obj.old` are left alone."""
+    lines = code.splitlines(keepends=True)
+    edits, prev = [], None
+    for tok in tokenize.generate_tokens(io.StringIO(code).readline):
+        if tok.type == tokenize.NAME and tok.string == old and not (prev and prev.string == "."):
+            edits.append(tok.start)
+        if tok.type not in (tokenize.NL, tokenize.COMMENT):
+            prev = tok
+    for row, col in reversed(edits):
+        line = lines[row - 1]
+        lines[row - 1] = line[:col] + new + line[col + len(old):]
+    return "".join(lines)
+
+
+def parse_proposal(text, strip=False):
+    """Deduction/abduction proposal -> (program, input) per SPEC 3: first python block, first input block."""
+    programs, inputs = fenced_blocks(text, "python"), fenced_blocks(text, "input")
+    if not programs or not inputs:
+        raise Invalid("needs a ```python block and an ```input block")
+    program = check_program(programs[0], strip=strip)
+    parse_args(inputs[0].strip())  # rule 3: safe value expressions only (raises ValueError)
+    return program, inputs[0].strip()
+
+
+def parse_induction_proposal(text, n_inputs):
+    """Induction proposal -> (inputs, message): the last n input blocks, pairwise distinct, and a message."""
+    inputs, messages = fenced_blocks(text, "input"), fenced_blocks(text, "message")
+    if len(inputs) < n_inputs or not messages or not messages[0].strip():
+        raise Invalid(f"needs {n_inputs} ```input blocks and a ```message block")
+    inputs = [i.strip() for i in inputs[-n_inputs:]]
+    values = [parse_args(i) for i in inputs]
+    if any(values_equal(a, b) for k, a in enumerate(values) for b in values[k + 1:]):
+        raise Invalid("inputs are not pairwise distinct")
+    return inputs, messages[0].strip()
+
+
+def validate_proposals(executor, jobs):
+    """Rules 4-5 for many proposals at once. jobs: list of (program, [input, ...]). Returns per job the list of
+    output reprs, or None when any input fails to run, repeats differently under another hash seed, or is too long."""
+    flat = [(program, i) for program, inputs in jobs for i in inputs]
+    results, out, k = executor.run_batch(flat, check_determinism=True), [], 0
+    for _, inputs in jobs:
+        rs = results[k: k + len(inputs)]
+        k += len(inputs)
+        out.append([r.value for r in rs] if all(r.status == "ok" for r in rs) else None)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Grading solver answers (Sec. 3.3.4, SPEC 4): parsed values, type-aware equality, model text never executed here.
+
+def safe_value(text):
+    try:
+        return True, parse_value(text)
+    except (ValueError, RecursionError, MemoryError):
+        return False, None
+
+
+def grade_answers(executor, kind_tasks_answers):
+    """[(kind, task, answer_text_or_None)] -> [bool]. Deduction compares values here; abduction runs f on the
+    proposed input, induction runs the proposed f on the hidden inputs, both in the sandbox."""
+    verdicts, jobs, owners = [], [], []
+    for n, (kind, task, answer) in enumerate(kind_tasks_answers):
+        verdicts.append(False)
+        if answer is None:
+            continue
+        if kind == "deduction":
+            blocks = fenced_blocks(answer, "output")
+            ok, value = safe_value((blocks[-1] if blocks else answer).strip())
+            verdicts[n] = ok and values_equal(value, parse_value(task["output"]))
+        elif kind == "abduction":
+            blocks = fenced_blocks(answer, "input")
+            text = (blocks[-1] if blocks else answer).strip()
+            try:
+                parse_args(text)  # so `4) or (True` is rejected before it can reach f(...)
+            except (ValueError, RecursionError, MemoryError):
+                continue
+            jobs.append((task["program"], text))
+            owners.append((n, task["output"]))
+        else:
+            blocks = fenced_blocks(answer, "python")
+            try:
+                program = check_program(blocks[-1]) if blocks else None
+            except Invalid:
+                program = None
+            if program is None:
+                continue
+            half = len(task["inputs"]) // 2
+            for i, o in zip(task["inputs"][half:], task["outputs"][half:]):
+                jobs.append((program, i))
+                owners.append((n, o))
+    results = executor.run_batch(jobs) if jobs else []
+    hits = {}
+    for (n, gold), r in zip(owners, results):
+        ok = r.status == "ok" and values_equal(parse_value(r.value), parse_value(gold))
+        hits[n] = hits.get(n, True) and ok
+    for n, ok in hits.items():
+        verdicts[n] = ok
+    return verdicts
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards (Eq. 4-6, SPEC 5).
+
+def learnability_reward(solve_rate, trivial=0.0):
+    """Eq. 4: a task is worth proposing when the solver sometimes, but not always, solves it."""
+    return 1.0 - solve_rate if 0.0 < solve_rate < 1.0 else trivial
+
+
+def proposer_reward(valid, formatted, solve_rate, trivial=0.0):
+    """Eq. 6 for the proposer: -1 for an invalid proposal or a broken format, else the learnability reward."""
+    return learnability_reward(solve_rate, trivial) if valid and formatted else -1.0
+
+
+def solver_reward(formatted, correct):
+    """Eq. 5-6 for the solver: 1 correct, -0.5 well-formatted but wrong, -1 broken format."""
+    return -1.0 if not formatted else (1.0 if correct else -0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Task-Relative REINFORCE++ and the loss (Eq. 8, SPEC 6).
+
+def trr_advantages(rewards):
+    """Eq. 8: normalise the rewards of one task-role batch by that batch's own mean and std (population std)."""
+    r = torch.tensor(rewards, dtype=torch.float64)
+    if len(r) < 2:
+        return [0.0] * len(r)
+    return ((r - r.mean()) / (r.std(unbiased=False) + 1e-6)).tolist()
+
+
+def policy_loss(logp, logp_old, advantages, entropy, clip_ratio, entropy_coef):
+    """Per-token PPO-clip surrogate minus the entropy bonus, summed; the caller divides by the step's token count
+    (global token-mean). With one update on fresh samples the ratio is 1 and the clip does not act."""
+    ratio = torch.exp(logp - logp_old)
+    surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_ratio, 1 + clip_ratio))
+    return (surrogate - entropy_coef * entropy).sum()
+
+
+class TokenLogprobs(nn.Module):
+    """The trainer's forward: log pi(token) and entropy at every response token, through the fused kernel, so the
+    [tokens, vocab] logits never exist. Wrapping the model lets FSDP2 gather the LM head inside a forward."""
+
+    def __init__(self, model, vocab_size):
+        super().__init__()
+        self.model, self.vocab_size = model, vocab_size
+
+    def forward(self, ids, response_mask, targets, temperature):
+        hidden = self.model(ids)[response_mask]
+        weight = self.model.lm_head.weight
+        return linear_logprobs(hidden, weight.to(hidden.dtype), targets, temperature, self.vocab_size)
+
+
+@dataclass
+class Rollout:
+    key: str                 # task-role batch, e.g. "propose_deduction"
+    prompt: list
+    tokens: list
+    logprobs: list           # the sampler's log pi_old of each token
+    text: str = ""
+    reward: float = 0.0
+    advantage: float = 0.0
+
+
+def micro_batches(rollouts, max_tokens):
+    """Group rollouts of similar length so that padded micro-batches hold at most max_tokens tokens."""
+    batch, longest = [], 0
+    for r in sorted(rollouts, key=lambda r: len(r.prompt) + len(r.tokens)):
+        n = len(r.prompt) + len(r.tokens)
+        if batch and max(longest, n) * (len(batch) + 1) > max_tokens:
+            yield batch
+            batch, longest = [], 0
+        batch.append(r)
+        longest = max(longest, n)
+    if batch:
+        yield batch
+
+
+def policy_update(policy, optimizer, rollouts, cfg, world=(0, 1)):
+    """One optimizer step on all rollouts of a step. Each rank takes rollouts[rank::size]; the loss is the mean
+    over every response token of the step on all ranks (SPEC 6), which DP gradient averaging then preserves."""
+    rank, size = world
+    n_tokens = sum(len(r.tokens) for r in rollouts)
+    device = next(policy.parameters()).device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and size == 1 else nullcontext()
+    batches = list(micro_batches([r for r in rollouts[rank::size] if r.tokens], cfg.micro_batch_tokens))
+    # FSDP2 gathers weights collectively in every forward, so all ranks run as many micro-batches as the busiest;
+    # the extra ones are a one-token dummy whose loss is multiplied by zero.
+    n_batches = int(all_reduce(len(batches), size, op="max"))
+    dummy = [Rollout("", [0], [0], [0.0])]
+    optimizer.zero_grad(set_to_none=True)
+    stats = dict(loss=0.0, entropy=0.0)
+    for k in range(n_batches):
+        batch = batches[k] if k < len(batches) else dummy
+        width = max(len(r.prompt) + len(r.tokens) for r in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.bool)
+        for b, r in enumerate(batch):
+            seq = r.prompt + r.tokens
+            ids[b, :len(seq)] = torch.tensor(seq)
+            mask[b, len(r.prompt) - 1: len(seq) - 1] = True  # position t predicts token t + 1
+        targets = torch.tensor([t for r in batch for t in r.tokens], device=device)
+        old = torch.tensor([x for r in batch for x in r.logprobs], device=device)
+        adv = torch.tensor([r.advantage for r in batch for _ in r.tokens], device=device)
+        with autocast:
+            logp, entropy = policy(ids.to(device), mask.to(device), targets, cfg.temperature)
+        scale = size / max(n_tokens, 1) if batch is not dummy else 0.0
+        loss = policy_loss(logp, old, adv, entropy, cfg.clip_ratio, cfg.entropy_coef) * scale
+        loss.backward()
+        stats["loss"] += loss.item() / size
+        stats["entropy"] += entropy.sum().item() if batch is not dummy else 0.0
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+    optimizer.step()
+    stats = {k: all_reduce(v, size) for k, v in stats.items()}
+    stats["entropy"] /= max(n_tokens, 1)
+    stats["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Buffers (Sec. 3.3.1, SPEC 7).
+
+ZERO_TRIPLET = dict(program="def f(a):\n    return a", input='"Hello world"', output="'Hello world'")
+
+
+class TaskBuffer:
+    """FIFO buffer of validated tasks with exact-duplicate rejection. Oldest tasks leave first once full."""
+
+    def __init__(self, cap):
+        self.cap, self.items, self.keys = cap, deque(), set()
+
+    @staticmethod
+    def key(task):
+        return json.dumps([task["program"], task.get("input", task.get("inputs"))])
+
+    def add(self, task):
+        k = self.key(task)
+        if k in self.keys:
+            return False
+        self.items.append(task)
+        self.keys.add(k)
+        if len(self.items) > self.cap:
+            self.keys.discard(self.key(self.items.popleft()))
+        return True
+
+    def sample(self, rng, k):
+        return rng.sample(list(self.items), min(k, len(self.items)))
+
+    def __len__(self):
+        return len(self.items)
+
+
+def new_buffers(cfg):
+    buffers = {kind: TaskBuffer(cfg.buffer_cap) for kind in KINDS}
+    buffers["deduction"].add(dict(ZERO_TRIPLET))
+    buffers["abduction"].add(dict(ZERO_TRIPLET))
+    return buffers
+
+
+def zero_induction(executor, cfg):
+    """The induction buffer's zero entry: the identity program on a few varied inputs (as upstream)."""
+    inputs = ['"Hello world"', "1", "dict(a=1, b=2)", "(1.1, 1.2, 1.3)", '"[[1, 0, 0], [0, 0, 0]]"',
+              "1001101100010001", "[1, 2]", "'abc'", "{3, 4}", "-7.5"][:cfg.n_induction_inputs]
+    outputs = validate_proposals(executor, [(ZERO_TRIPLET["program"], inputs)])[0]
+    return dict(program=ZERO_TRIPLET["program"], inputs=inputs, outputs=outputs,
+                message="Write a function that returns whatever you input")
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def load_seed_file(path, executor, cfg, buffers):
+    """Fill the buffers from upstream's released seed files. Outputs are recomputed by our executor: upstream
+    stored some truncated or non-repr outputs (SPEC 10), and gold answers must come from execution."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: --seed-file {path} not found; pass a *_seed_io.jsonl file or omit the flag")
+    programs = []
+    for row in read_jsonl(path):
+        try:
+            programs.append((check_program(row["snippet"]), row["input"]))
+        except (Invalid, KeyError):
+            continue
+    for (program, i), outputs in zip(programs, validate_proposals(executor, [(p, [i]) for p, i in programs])):
+        if outputs and len(outputs[0]) <= cfg.max_output_chars:
+            task = dict(program=program, input=i, output=outputs[0])
+            buffers["deduction"].add(task)
+            buffers["abduction"].add(dict(task))
+    twin = path.with_name(path.name.replace("_seed_io", "_code_f_seed_io"))
+    if twin.is_file() and twin != path:
+        entries = []
+        for row in read_jsonl(twin):
+            try:
+                inputs = row["inputs"][-cfg.n_induction_inputs:]
+                if len(inputs) == cfg.n_induction_inputs:
+                    entries.append((check_program(row["snippet"]), inputs, row["message"]))
+            except (Invalid, KeyError):
+                continue
+        for (program, inputs, message), outputs in zip(entries, validate_proposals(executor, [(p, i) for p, i, _ in entries])):
+            if outputs and max(map(len, outputs)) <= cfg.max_output_chars:
+                buffers["induction"].add(dict(program=program, inputs=inputs, outputs=outputs, message=message))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling with the current policy, sharded over ranks.
+
+class Policy:
+    """What a step needs from the model: the tokenizer, a sampler over the current weights, and the trainable
+    module. Under torchrun each rank samples its share of the prompts with a full copy of the weights that it
+    gathers from the FSDP2 shards before each step (sampling ranks run out of lockstep, FSDP forwards cannot)."""
+
+    def __init__(self, model, tokenizer, cfg, world):
+        self.tokenizer, self.cfg, self.rank, self.size = tokenizer, cfg, *world
+        self.vocab = len(tokenizer)
+        self.stop_ids = sorted({i for i in [tokenizer.eos_token_id, tokenizer.pad_token_id] if i is not None})
+        self.sampler = model
+        self.trainable = TokenLogprobs(model, self.vocab)
+        if self.size > 1:
+            device = next(model.parameters()).device
+            self.sampler = Transformer(model.config).to(device, torch.bfloat16 if device.type == "cuda" else None)
+            self.sampler.requires_grad_(False)
+            shard_model(self.trainable, model)
+            self.refresh_sampler()
+
+    def refresh_sampler(self):
+        """Copy the freshly updated weights into the sampling replica (distributed runs only)."""
+        if self.size > 1:
+            full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                    for k, v in self.trainable.model.state_dict().items()}
+            self.sampler.load_state_dict(full)
+
+    def encode(self, text):
+        return self.tokenizer(R1_TEMPLATE.format(text), add_special_tokens=False)["input_ids"]
+
+    def sample(self, prompts, n, seed, max_new_tokens=None, temperature=None):
+        """prompts: list of token lists -> list (len(prompts)*n) of (Sample, text), identical on every rank."""
+        cfg = self.cfg
+        temperature = cfg.temperature if temperature is None else temperature
+        mine = list(range(self.rank, len(prompts), self.size))
+        device_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device == "cuda" and self.size == 1 else nullcontext()
+        with device_ctx:
+            samples = [] if not mine else generate(self.sampler, [prompts[i] for i in mine], n=n,
+                               max_new_tokens=max_new_tokens or cfg.max_response_tokens, temperature=temperature,
+                               top_p=cfg.top_p if temperature > 0 else 1.0, stop_token_ids=self.stop_ids,
+                               stop_strings=["</answer>"], tokenizer=self.tokenizer, seed=seed * 1000 + self.rank,
+                               progress=self.rank == 0 and len(prompts) * n >= 64)
+            out = [(i, j, s) for k, i in enumerate(mine) for j, s in enumerate(samples[k * n:(k + 1) * n])]
+        if self.size > 1:
+            parts = [None] * self.size
+            dist.all_gather_object(parts, out)
+            out = sorted((x for part in parts for x in part), key=lambda x: (x[0], x[1]))
+        return [(s, self.tokenizer.decode(s.tokens, skip_special_tokens=True)) for _, _, s in out]
+
+
+def shard_model(trainable, model):
+    """FSDP2: one shard group per decoder block, the embeddings and head in the root group; bf16 compute with
+    fp32 master weights and fp32 gradient reduction (SPEC 6)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if next(model.parameters()).is_cuda else None
+    kw = dict(mp_policy=mp) if mp else {}
+    for block in model.layers:
+        fully_shard(block, **kw)
+    fully_shard(trainable, **kw)
+
+
+def all_reduce(x, size, op="sum"):
+    """A Python number reduced over ranks (NCCL needs the tensor on the GPU)."""
+    if size == 1:
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dict(sum=dist.ReduceOp.SUM, max=dist.ReduceOp.MAX)[op])
+    return t.item()
+
+
+def from_rank0(value, world):
+    """Executor work runs once, on rank 0 (one executor per node); every rank gets rank 0's result."""
+    out = [value]
+    if world[1] > 1:
+        dist.broadcast_object_list(out, src=0)
+    return out[0]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One self-play step (Algorithm 1).
+
+def build_proposer_prompts(kind, buffers, policy, cfg, rng):
+    """Batch of proposer prompts for one kind: K references from the same buffer (deduction/abduction) or one
+    program from deduction + abduction (induction). References are dropped until the prompt fits."""
+    prompts = []
+    for _ in range(cfg.batch_size):
+        if kind == "induction":
+            pool = list(buffers["deduction"].items) + list(buffers["abduction"].items)
+            ref = rng.choice(pool)
+            ids, meta = policy.encode(propose_induction(ref["program"], cfg)), dict(program=ref["program"])
+        else:
+            refs = buffers[kind].sample(rng, cfg.k_references)
+            ids = policy.encode(propose_io(kind, refs, cfg))
+            while len(ids) > cfg.max_prompt_tokens and refs:
+                refs = refs[:-1]
+                ids = policy.encode(propose_io(kind, refs, cfg))
+            meta = {}
+        if len(ids) <= cfg.max_prompt_tokens:
+            prompts.append((ids, meta))
+    return prompts
+
+
+def check_proposals(executor, kinds_texts, cfg, strip=False):
+    """[(kind, response, meta)] -> [task dict or None]: parse each proposal and run rules 4-5 in one batch."""
+    parsed, jobs = [], []
+    for kind, text, meta in kinds_texts:
+        try:
+            if kind == "induction":
+                inputs, message = parse_induction_proposal(text, cfg.n_induction_inputs)
+                parsed.append(dict(program=meta["program"], inputs=inputs, message=message))
+                jobs.append((meta["program"], inputs))
+            else:
+                program, i = parse_proposal(text, strip=strip)
+                parsed.append(dict(program=program, input=i))
+                jobs.append((program, [i]))
+        except (Invalid, ValueError, RecursionError, MemoryError, SyntaxError):
+            parsed.append(None)
+    valid = iter(validate_proposals(executor, jobs) if jobs else [])
+    tasks = []
+    for task in parsed:
+        outputs = next(valid) if task is not None else None
+        if outputs is None or max(map(len, outputs)) > cfg.max_output_chars:
+            tasks.append(None)
+        elif "inputs" in task:
+            tasks.append(dict(task, outputs=outputs))
+        else:
+            tasks.append(dict(task, output=outputs[0]))
+    return tasks
+
+
+def azr_step(step, policy, optimizer, executor, buffers, cfg, rng, world=(0, 1), log=None):
+    """Algorithm 1: propose -> validate -> learnability rollouts -> solve -> grade -> TRR++ advantages -> update.
+    The executor exists on rank 0 only (None elsewhere); its verdicts are broadcast."""
+    kinds, timer, metrics, rollouts, rank0 = cfg.kinds, Timer(), {}, [], world[0] == 0
+    N = cfg.n_learnability
+
+    # 1. Propose: one response per proposer prompt, all kinds in one sampler call, then validate in one batch.
+    with timer("generate"):
+        proposer = [(kind, ids, meta) for kind in kinds
+                    for ids, meta in build_proposer_prompts(kind, buffers, policy, cfg, rng)]
+        proposals = policy.sample([ids for _, ids, _ in proposer], n=1, seed=step * 8 + 1)
+    with timer("execute"):
+        tasks = from_rank0(rank0 and check_proposals(
+            executor, [(kind, extract_answer(text) or "", meta) for (kind, _, meta), (_, text) in zip(proposer, proposals)],
+            cfg), world)
+
+    # 2. Learnability rollouts (Eq. 4; reward only, not trained on), then the solver batch: this step's valid
+    #    tasks first, filled from the buffer. Grading the learnability answers overlaps the solver generation.
+    valid = [(n, proposer[n][0], task) for n, task in enumerate(tasks) if task is not None]
+    solver_tasks = []
+    for kind in kinds:
+        fresh = [task for _, k, task in valid if k == kind][:cfg.batch_size]
+        solver_tasks += [(kind, t) for t in fresh + buffers[kind].sample(rng, cfg.batch_size - len(fresh))]
+    with timer("generate"):
+        learn_outs = policy.sample([policy.encode(SOLVE_PROMPT[kind](task)) for _, kind, task in valid],
+                                   n=N, seed=step * 8 + 2) if valid else []
+    learn_jobs = [(kind, task, extract_answer(text)) for q, (_, kind, task) in enumerate(valid)
+                  for _, text in learn_outs[q * N:(q + 1) * N]]
+    learn_grading = Background(grade_answers, executor, learn_jobs) if rank0 else None
+    with timer("generate"):
+        solve_items = [(kind, task, policy.encode(SOLVE_PROMPT[kind](task))) for kind, task in solver_tasks]
+        solve_items = [x for x in solve_items if len(x[2]) <= cfg.max_prompt_tokens]
+        solve_outs = policy.sample([ids for _, _, ids in solve_items], n=1, seed=step * 8 + 3)
+    with timer("execute"):
+        learn = from_rank0(rank0 and learn_grading.result(), world)
+        verdicts = from_rank0(rank0 and grade_answers(executor, [
+            (kind, task, extract_answer(text)) for (kind, task, _), (_, text) in zip(solve_items, solve_outs)]), world)
+
+    # 3. Rewards. Proposer (Eq. 4, 6); every valid task enters its buffer, whatever its reward (as upstream).
+    solve_rate = {n: sum(learn[q * N:(q + 1) * N]) / N for q, (n, _, _) in enumerate(valid)}
+    for n, ((kind, ids, _), (sample, text)) in enumerate(zip(proposer, proposals)):
+        reward = proposer_reward(tasks[n] is not None, format_ok(text), solve_rate.get(n, 0.0),
+                                 cfg.trivial_proposal_reward)
+        rollouts.append(Rollout(f"propose_{kind}", ids, sample.tokens, sample.logprobs, text, reward))
+        if tasks[n] is not None:
+            buffers[kind].add(tasks[n])
+    # Solver (Eq. 5-6).
+    for (kind, _, ids), (sample, text), correct in zip(solve_items, solve_outs, verdicts):
+        rollouts.append(Rollout(f"solve_{kind}", ids, sample.tokens, sample.logprobs, text,
+                                solver_reward(format_ok(text), correct)))
+    for kind in kinds:
+        mine = [n for n, (k, _, _) in enumerate(proposer) if k == kind]
+        metrics[f"valid_rate/{kind}"] = mean([tasks[n] is not None for n in mine])
+        metrics[f"learnability_solve_rate/{kind}"] = mean([solve_rate[n] for n in mine if n in solve_rate])
+        metrics[f"accuracy/solve_{kind}"] = mean([v for (k, _, _), v in zip(solve_items, verdicts) if k == kind])
+
+    # 4. Task-Relative REINFORCE++: one baseline per task-role batch (Eq. 8), then one update on the step.
+    for key in sorted({r.key for r in rollouts}):
+        group = [r for r in rollouts if r.key == key]
+        for r, a in zip(group, trr_advantages([r.reward for r in group])):
+            r.advantage = a
+        metrics[f"reward/{key}"] = mean([r.reward for r in group])
+        metrics[f"response_tokens/{key}"] = mean([len(r.tokens) for r in group])
+    trained = [r for r in rollouts if cfg.train_proposer or r.key.startswith("solve_")]
+    with timer("train"):
+        metrics.update(policy_update(policy.trainable, optimizer, trained, cfg, world))
+        policy.refresh_sampler()
+
+    metrics.update({f"buffer/{k}": len(buffers[k]) for k in KINDS}, **{f"time/{k}": v for k, v in timer.items()})
+    metrics["generated_tokens"] = sum(len(s.tokens) for s, _ in proposals + learn_outs + solve_outs)
+    metrics["trained_tokens"] = sum(len(r.tokens) + len(r.prompt) for r in trained)
+    metrics["tokens_per_s"] = metrics["generated_tokens"] / max(metrics["time/generate"], 1e-9)
+    if log is not None:
+        log(step, rollouts)
+    return metrics
+
+
+def mean(xs):
+    return sum(xs) / len(xs) if xs else None
+
+
+class Background(threading.Thread):
+    """Run fn(*args) in a thread (executor work waits on pipes, so the GIL is free for the sampler)."""
+
+    def __init__(self, fn, *args):
+        super().__init__(daemon=True)
+        self.fn, self.args, self.value, self.error = fn, args, None, None
+        self.start()
+
+    def run(self):
+        try:
+            self.value = self.fn(*self.args)
+        except BaseException as e:  # re-raised in the caller's thread
+            self.error = e
+
+    def result(self):
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class Timer(dict):
+    """Accumulating wall-clock timer: `with timer("phase"): ...`."""
+
+    def __call__(self, name):
+        timer = self
+
+        class _Span:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer[name] = timer.get(name, 0.0) + time.perf_counter() - self.t
+        return _Span()
+# ----------------------------------------------------------------------------------------------------------------
+# Buffers at the start: zero triplet, then a seed file or seeding by the base model (Sec. 3.3.1, SPEC 7).
+
+def init_buffers(policy, executor, cfg, rng, world):
+    rank0 = world[0] == 0
+    buffers = new_buffers(cfg)
+    buffers["induction"].add(from_rank0(rank0 and zero_induction(executor, cfg), world))
+    if cfg.seed_file:
+        if rank0:
+            load_seed_file(cfg.seed_file, executor, cfg, buffers)
+        items = from_rank0({k: list(b.items) for k, b in buffers.items()}, world)
+        for k, b in buffers.items():
+            for task in items[k]:
+                b.add(task)
+        return buffers
+    for rnd in range(cfg.seed_rounds):
+        kinds = [k for k in cfg.kinds if len(buffers[k]) < cfg.seed_size]
+        if not kinds:
+            break
+        proposer = [(kind, ids, meta) for kind in kinds for ids, meta in build_proposer_prompts(kind, buffers, policy, cfg, rng)]
+        outs = policy.sample([ids for _, ids, _ in proposer], n=1, seed=10_000_000 + rnd)
+        # Seeding parses the whole response when there is no <answer> (base models often skip the format) and strips
+        # comments and top-level statements, as upstream did.
+        tasks = from_rank0(world[0] == 0 and check_proposals(
+            executor, [(kind, extract_answer(text) or text, meta) for (kind, _, meta), (_, text) in zip(proposer, outs)],
+            cfg, strip=True), world)
+        for (kind, _, _), task in zip(proposer, tasks):
+            if task is not None:  # deduction and abduction share one seed pool
+                for k in (("induction",) if kind == "induction" else ("deduction", "abduction")):
+                    buffers[k].add(dict(task))
+        if rank0:
+            print(f"seeding round {rnd}: " + ", ".join(f"{k} {len(buffers[k])}" for k in KINDS), flush=True)
+    else:
+        if rank0 and cfg.seed_size:
+            print(f"warning: seeding stopped after {cfg.seed_rounds} rounds below {cfg.seed_size} tasks", flush=True)
+    return buffers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: the model in Hugging Face format plus optimizer, buffers, step and RNG states, written atomically.
+
+def save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, world):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    optim_state = get_optimizer_state_dict(policy.trainable, optimizer, options=opts)
+    model = policy.trainable.model
+    if world[1] > 1:
+        full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+        if world[0] == 0:
+            model = Transformer(model.config)
+            model.load_state_dict({k: v.cpu() for k, v in full.items()})
+    if world[0] != 0:
+        return None
+    final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, policy.tokenizer, tmp / "model")
+    torch.save(dict(step=step, optimizer=optim_state, rng=rng.getstate(), torch_rng=torch.get_rng_state()),
+               tmp / "trainer.pt")
+    (tmp / "buffers.json").write_text(json.dumps({k: list(b.items) for k, b in buffers.items()}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest = final.parent / "latest.tmp"
+    latest.write_text(final.name)
+    os.replace(latest, final.parent / "latest")
+    return final
+
+
+def find_checkpoint(cfg):
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+    else:
+        latest = Path(cfg.out_dir) / "checkpoints" / "latest"
+        if not latest.is_file():
+            return None
+        path = latest.parent / latest.read_text().strip()
+    if not (path / "trainer.pt").is_file():
+        raise SystemExit(f"error: --resume {path} is not a checkpoint directory (no trainer.pt); pass "
+                         f"runs/NAME/checkpoints/step_NNNNNN or 'auto'")
+    return path
+
+
+def restore_checkpoint(path, policy, optimizer, cfg, rng):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    state = torch.load(path / "trainer.pt", weights_only=False)
+    set_optimizer_state_dict(policy.trainable, optimizer, state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
+    rng.setstate(state["rng"])
+    torch.set_rng_state(state["torch_rng"])
+    buffers = new_buffers(cfg)
+    for k, items in json.loads((path / "buffers.json").read_text()).items():
+        buffers[k] = TaskBuffer(cfg.buffer_cap)
+        for task in items:
+            buffers[k].add(task)
+    return state["step"], buffers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation: CRUXEval-O (deduction) and CRUXEval-I (abduction), greedy, graded like training (Sec. 4, SPEC 9).
+
+def evaluate_cruxeval(policy, executor, path, limit=0, max_new_tokens=None, out_path=None, world=(0, 1)):
+    """Greedy pass@1 on CRUXEval-O and CRUXEval-I with the training prompts, extraction and grading."""
+    rows = read_jsonl(path)
+    rows = rows[:limit] if limit else rows
+    items = [(kind, dict(program=r["code"], input=r["input"], output=r["output"]), r["id"])
+             for kind in ("deduction", "abduction") for r in rows]
+    outs = policy.sample([policy.encode(SOLVE_PROMPT[kind](task)) for kind, task, _ in items], n=1, seed=0,
+                         max_new_tokens=max_new_tokens, temperature=0.0)
+    answers = [extract_answer(text) for _, text in outs]
+    verdicts = from_rank0(world[0] == 0 and grade_answers(executor, [(k, t, a) for (k, t, _), a in zip(items, answers)]),
+                          world)
+    scores = {f"cruxeval_{'o' if kind == 'deduction' else 'i'}": mean([v for (k, _, _), v in zip(items, verdicts)
+                                                                       if k == kind]) for kind in ("deduction", "abduction")}
+    if out_path and world[0] == 0:
+        with open(out_path, "w") as f:
+            for (kind, _, id_), (_, text), answer, ok in zip(items, outs, answers, verdicts):
+                f.write(json.dumps(dict(id=id_, task="CRUXEval-O" if kind == "deduction" else "CRUXEval-I",
+                                        answer=answer, correct=ok, response=text)) + "\n")
+    return scores
+
+
+def eval_main(argv):
+    p = argparse.ArgumentParser(prog="azr.py eval", description="Greedy CRUXEval-I/O pass@1 of a model or checkpoint.")
+    p.add_argument("--model", required=True, help="checkpoint .../model directory, HF directory, hub id or 'tiny'")
+    p.add_argument("--data", required=True, help="cruxeval.jsonl (fields code, input, output, id)")
+    p.add_argument("--limit", type=int, default=0, help="first N items only (0: all 800)")
+    p.add_argument("--max-new-tokens", type=int, default=8096, help="generation limit per answer")
+    p.add_argument("--out", default="", help="per-item JSONL (default: next to the data, <model>_cruxeval.jsonl)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--exec-workers", type=int, default=os.cpu_count() or 1)
+    args = p.parse_args(argv)
+    if not Path(args.data).is_file():
+        raise SystemExit(f"error: --data {args.data} not found; get data/cruxeval.jsonl from "
+                         f"https://github.com/facebookresearch/cruxeval")
+    cfg = Config(model=args.model, device=args.device, temperature=0.0, max_response_tokens=args.max_new_tokens,
+                 exec_workers=args.exec_workers)
+    model, tokenizer = load_model(args.model, device=args.device)
+    policy = Policy(model, tokenizer, cfg, (0, 1))
+    out = args.out or f"{Path(args.model).name or 'model'}_cruxeval.jsonl"
+    with Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout, max_output_chars=10**6) as executor:
+        scores = evaluate_cruxeval(policy, executor, args.data, args.limit, args.max_new_tokens, out)
+    print(f"CRUXEval-O pass@1 {scores['cruxeval_o']:.4f}  CRUXEval-I pass@1 {scores['cruxeval_i']:.4f}  ({out})")
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plot a run: rewards per task-role, valid-proposal rate and CRUXEval over steps.
+
+def plot_main(argv):
+    p = argparse.ArgumentParser(prog="azr.py plot", description="Plot metrics.jsonl of a run (PNG, or a text table).")
+    p.add_argument("run_dir")
+    run = Path(p.parse_args(argv).run_dir)
+    if not (run / "metrics.jsonl").is_file():
+        raise SystemExit(f"error: {run}/metrics.jsonl not found; pass the --out-dir of a training run")
+    rows = read_jsonl(run / "metrics.jsonl")
+    panels = [("reward", "reward/"), ("valid proposals", "valid_rate/"), ("CRUXEval", "cruxeval_")]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        keys = [k for _, prefix in panels for k in sorted({k for r in rows for k in r if k.startswith(prefix)})]
+        lines = ["step  " + "  ".join(keys)]
+        lines += [f"{r['step']:<5} " + "  ".join(f"{r[k]:>{len(k)}.3f}" if isinstance(r.get(k), (int, float))
+                                                 else " " * (len(k) - 1) + "-" for k in keys) for r in rows]
+        (run / "metrics.txt").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return run / "metrics.txt"
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (title, prefix) in zip(axes, panels):
+        for key in sorted({k for r in rows for k in r if k.startswith(prefix)}):
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts), label=key.removeprefix(prefix), marker=".")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run / "metrics.png", dpi=100)
+    print(run / "metrics.png")
+    return run / "metrics.png"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training entry point.
+
+def init_distributed(cfg):
+    if "RANK" not in os.environ:
+        return 0, 1
+    backend = "nccl" if cfg.device == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    if cfg.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def peak_flops(cfg):
+    if cfg.peak_tflops:
+        return cfg.peak_tflops * 1e12
+    name = torch.cuda.get_device_name() if cfg.device == "cuda" else ""
+    return next((tf * 1e12 for key, tf in (("H200", 989), ("H100", 989), ("A100", 312), ("A800", 312)) if key in name), 0.0)
+
+
+def write_samples(run_dir, cfg):
+    def log(step, rollouts):
+        with open(Path(run_dir) / "samples.txt", "a") as f:
+            for key in sorted({r.key for r in rollouts}):
+                for r in [r for r in rollouts if r.key == key][:cfg.log_samples]:
+                    f.write(f"=== step {step} {key} reward {r.reward:+.2f} ===\n<think>{r.text}\n\n")
+    return log
+
+
+def train(cfg):
+    world = init_distributed(cfg)
+    rank0 = world[0] == 0
+    device = f"cuda:{torch.cuda.current_device()}" if cfg.device == "cuda" else "cpu"
+    run_dir = Path(cfg.out_dir)
+    ckpt = find_checkpoint(cfg) if cfg.resume else None
+    torch.manual_seed(cfg.seed)
+    # fp32 master weights; bf16 compute comes from autocast (one process) or FSDP2 mixed precision
+    model, tokenizer = load_model(str(ckpt / "model") if ckpt else cfg.model, device=device, seed=cfg.seed)
+    for block in model.layers:
+        block.checkpointing = cfg.grad_checkpoint
+    policy = Policy(model, tokenizer, cfg, world)
+    optimizer = torch.optim.AdamW(policy.trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
+                                  weight_decay=cfg.weight_decay)
+    rng = random.Random(cfg.seed)
+    executor = Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout,
+                        max_output_chars=cfg.max_output_chars) if rank0 else None
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    try:
+        if ckpt:
+            start, buffers = restore_checkpoint(ckpt, policy, optimizer, cfg, rng)
+            if rank0 and (run_dir / "metrics.jsonl").is_file():  # drop rows logged after the checkpoint
+                rows = (run_dir / "metrics.jsonl").read_text().splitlines()
+                kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= start]
+                (run_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in kept))
+        else:
+            start, buffers = 0, init_buffers(policy, executor, cfg, rng, world)
+        log = write_samples(run_dir, cfg) if rank0 else None
+        flops_peak = peak_flops(cfg) * world[1]
+        n_params = sum(p.numel() for p in model.parameters())
+        bar = range(start + 1, cfg.steps + 1)
+        for step in bar:
+            t0 = time.perf_counter()
+            metrics = azr_step(step, policy, optimizer, executor, buffers, cfg, rng, world, log)
+            metrics["time/step"] = time.perf_counter() - t0
+            if flops_peak:
+                flops = 6 * n_params * metrics["trained_tokens"] + 2 * n_params * metrics["generated_tokens"]
+                metrics["mfu"] = flops / (metrics["time/step"] * flops_peak)
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                if not cfg.eval_data:
+                    raise SystemExit("error: --eval-every needs --eval-data PATH (cruxeval.jsonl)")
+                with Timer()("eval"):
+                    metrics.update(evaluate_cruxeval(policy, executor, cfg.eval_data, cfg.eval_limit,
+                                                     cfg.max_response_tokens, world=world))
+            if rank0:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(dict(step=step, **metrics)) + "\n")
+                print(f"step {step}: " + "  ".join(f"{k.removeprefix('reward/')} {metrics[k]:+.3f}"
+                                                   for k in sorted(metrics) if k.startswith("reward/"))
+                      + f"  valid {mean([metrics[f'valid_rate/{k}'] for k in cfg.kinds]):.2f}"
+                      + f"  {metrics['time/step']:.1f}s", flush=True)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, world)
+    finally:
+        if executor is not None:
+            executor.close()
+        if world[1] > 1:
+            dist.destroy_process_group()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
+        return eval_main(argv[1:])
+    if argv[:1] == ["plot"]:
+        return plot_main(argv[1:])
+    return train(parse_config(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1199 @@
+"""azr's tests, CPU only: the executor against real adversarial programs and the real data files, the model
+against transformers' own implementation, the Triton kernels (interpreter mode) against float64, and the
+self-play loop end to end with the tiny model and the real executor.
+
+Run: python -m pytest -q test_azr.py"""
+import os
+
+import torch  # does not import triton
+
+if not torch.cuda.is_available():  # Triton runs on the CPU only in interpreter mode, set before triton is imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import select  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent
+sys.path.insert(0, str(REPO))
+DATA = next(p / "shared" / "data" for p in REPO.parents if (p / "shared" / "data").is_dir())
+
+import azr  # noqa: E402
+import kernels  # noqa: E402
+import model as M  # noqa: E402
+from executor import Executor, Result, parse_args, parse_value, values_equal  # noqa: E402
+from kernels import fused_logprobs, reference  # noqa: E402
+
+
+# ==============================================================================================================
+# executor.py: sandbox, value semantics, real data (issue 2)
+# ==============================================================================================================
+
+_EXEC_SECRET = "AZR_EXEC_TEST_SECRET"
+
+
+# ------------------------------------------------------------------------------------------ value semantics
+
+@pytest.mark.parametrize("text, expected", [
+    ("1", 1), ("-1 * 10**9", -10**9), ("'a' 'b'", "ab"), ("b'x'", b"x"), ("1.5e3", 1500.0), ("2+3j", 2 + 3j),
+    ("[1, (2,), {3}, {'k': None}]", [1, (2,), {3}, {"k": None}]), ("dict(a=1, b=2)", {"a": 1, "b": 2}),
+    ("set()", set()), ("frozenset({1, 2})", frozenset({1, 2})), ("tuple([1, 2])", (1, 2)), ("list('ab')", ["a", "b"]),
+    ("(1, )", (1,)), ("True", True), ("~5 // 2", -3), ("1 << 10", 1024), ("  [1]\n", [1]), ("'x' * 3", "xxx"),
+])
+def test_exec_parse_value_accepts(text, expected):
+    assert values_equal(parse_value(text), expected)
+
+
+@pytest.mark.parametrize("text", [
+    "__import__('os').system('id')", "x", "f(1)", "len([1])", "lambda: 1", "[1][0]", "'a'.upper()",
+    "{**{}}", "[*[1]]", "10**10**9", "1 << 10**9", "'x' * 10**9", "[0] * 10**8", "'%s' % 1", "1/0",
+    "{[1]: 2}", "set([[1]])", "...", "inf", "nan", "[" * 300 + "]" * 300, "1" * 5000, "0x" + "f" * 5000,
+    "[[0] * 999999] * 2 + [[0] * 999999]", "list(1)", "dict(1, a=2)", "1 if 1 else 2", "(yield)", "",
+])
+def test_exec_parse_value_rejects(text):
+    with pytest.raises(ValueError) as info:
+        parse_value(text)
+    assert "\n" not in str(info.value)  # one-line reason
+
+
+def test_exec_parse_args():
+    assert parse_args("1, [2], k=3") == ((1, [2]), {"k": 3})
+    assert parse_args("'John', {'age': 20}") == (("John", {"age": 20}), {})
+    assert parse_args("") == ((), {})
+    assert parse_args("[1,\n 2],  # a comment\n 3") == (([1, 2], 3), {})
+    for bad in ["1), g(2", "1) + (2", "*[1]", "**{'a': 1}", "a=1, a=2", "x)(1", "print('hi')", "1, lambda: 0",
+                "f(1)", "1; import os"]:
+        with pytest.raises(ValueError):
+            parse_args(bad)
+
+
+@pytest.mark.parametrize("a, b, equal", [
+    (True, 1, False), (1, 1.0, False), (0, False, False), ([1], (1,), False), ({1, 2}, {2, 1}, True),
+    ({"a": 1, "b": 2}, {"b": 2, "a": 1}, True), ({"a": 1}, {"a": True}, False), (0.1 + 0.2, 0.3, False),
+    (float("nan"), float("nan"), True), (0.0, -0.0, True), ([{1: (2, [3])}], [{1: (2, [3])}], True),
+    (frozenset({1}), {1}, False), ({(1, "a")}, {(1, "a")}, True), ({1: "x"}, {True: "x"}, False),
+    ("1", 1, False), (None, None, True), (b"a", "a", False), (1 + 2j, 1 + 2j, True),
+])
+def test_exec_values_equal(a, b, equal):
+    assert values_equal(a, b) is equal and values_equal(b, a) is equal
+
+
+def test_exec_values_equal_never_calls_user_code():
+    class Liar:
+        def __eq__(self, other):
+            raise AssertionError("user __eq__ called")
+        __hash__ = object.__hash__
+    x = Liar()
+    assert values_equal(x, x) and not values_equal(x, Liar()) and not values_equal([x], [1])
+
+
+# ------------------------------------------------------------------------------------------ the sandbox
+
+@pytest.fixture(scope="module")
+def ex():
+    os.environ[_EXEC_SECRET] = "hunter2"  # must never reach a task
+    with Executor(workers=2, timeout=2.0, memory_mb=512) as executor:
+        yield executor
+    del os.environ[_EXEC_SECRET]
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Out-of-band observers: a canary dir, TCP/UDP/abstract-unix listeners, a sibling process."""
+    canary = Path(tempfile.mkdtemp(prefix="azr-exec-canary-"))
+    (canary / "keep.txt").write_text("keep")
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen(8)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("127.0.0.1", 0))
+    unix = socket.socket(socket.AF_UNIX)
+    unix_name = f"\0azr-exec-test-{os.getpid()}"
+    unix.bind(unix_name)
+    unix.listen(8)
+    sibling = subprocess.Popen(["sleep", "600"])
+    yield dict(canary=str(canary), tcp=tcp, udp=udp, unix=unix, unix_name=unix_name, sibling=sibling,
+               tcp_port=tcp.getsockname()[1], udp_port=udp.getsockname()[1], sibling_pid=sibling.pid,
+               trainer_pid=os.getpid(), test_file=str(Path(__file__).resolve()))
+    sibling.kill()
+    sibling.wait()
+    for s in (tcp, udp, unix):
+        s.close()
+    shutil.rmtree(canary)
+
+
+def _exec_zygotes(executor):
+    return [z for s in executor.slots for z in (s.canonical, s.probe) if z.proc is not None]
+
+
+def _exec_strays(executor):
+    """Processes forked from this executor's zygotes (their cmdline names the zygote's base dir) still alive."""
+    zygotes = _exec_zygotes(executor)
+    marks = [z.base_dir.encode() for z in zygotes]
+    pids = {z.proc.pid for z in zygotes}
+    strays = []
+    for p in os.listdir("/proc"):
+        if p.isdigit() and int(p) not in pids:
+            try:
+                cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(m in cmd for m in marks):
+                strays.append(int(p))
+    return strays
+
+
+def _exec_assert_contained(executor, world, zygote_pids):
+    """Zygotes answer before they clean up, and clean up before their next task: wait for that."""
+    for _ in range(500):
+        if not _exec_strays(executor) and all(os.listdir(z.base_dir) == [] for z in _exec_zygotes(executor)):
+            break
+        select.select([], [], [], 0.01)
+    canary = Path(world["canary"])
+    assert sorted(os.listdir(canary)) == ["keep.txt"] and (canary / "keep.txt").read_text() == "keep"
+    assert not Path("/azr-exec-pwned").exists()
+    assert select.select([world["tcp"], world["udp"], world["unix"]], [], [], 0.05)[0] == [], "a listener got traffic"
+    assert world["sibling"].poll() is None, "the sibling process was killed"
+    assert [z.proc.pid for z in _exec_zygotes(executor)] == zygote_pids, "a zygote died"
+    assert all(z.proc.poll() is None for z in _exec_zygotes(executor))
+    assert _exec_strays(executor) == [], "processes outlived their task"
+    assert all(os.listdir(z.base_dir) == [] for z in _exec_zygotes(executor)), "a task dir was left behind"
+
+
+def _p(src):
+    return textwrap.dedent(src).strip() + "\n"
+
+
+# (id, layers of which one must be active, allowed statuses, substring of error or exact value, program, inputs)
+_EXEC_ANY_NET = ("netns", "seccomp", "landlock")
+_EXEC_CASES = [
+    ("infinite_loop", None, {"timeout"}, None, "def f(x):\n    while True:\n        pass", "0"),
+    ("sleep", None, {"timeout"}, None, "import time\ndef f(x):\n    time.sleep(10 ** 6)", "0"),
+    ("regex_backtracking", None, {"timeout"}, None, "import re\ndef f(x):\n    return re.match('(a+)+$', 'a' * 64 + 'b')", "0"),
+    ("bigint_c_level", None, {"timeout", "memory"}, None, "def f(x):\n    return 10 ** (10 ** 9) % 7", "0"),
+    ("bytearray_bomb", None, {"memory"}, None, "def f(x):\n    return len(bytearray(10 ** 11))", "0"),
+    # touching the whole 512 MB budget can outlast 2 s on a loaded 2-core machine: either outcome is safe
+    ("list_growth", None, {"memory", "timeout"}, None, "def f(x):\n    a = []\n    while True:\n        a.append(bytearray(10 ** 7))", "0"),
+    ("print_flood", None, {"timeout"}, None, "def f(x):\n    while True:\n        print('x' * 100000)", "0"),
+    ("print_then_return", None, {"ok"}, "=3", "def f(x):\n    for _ in range(1000):\n        print('y' * 1000)\n    return x + 1", "2"),
+    ("huge_return", None, {"memory", "output_limit"}, None, "def f(x):\n    return 'x' * (3 * 10 ** 8)", "0"),
+    ("long_return", None, {"output_limit"}, "OutputLimit", "def f(x):\n    return 'x' * 1000", "0"),
+    ("int_over_4300_digits", None, {"error"}, "ValueError", "def f(x):\n    return 10 ** 5000", "0"),
+    ("write_outside", ("landlock", "uid"), {"error"}, "PermissionError", "def f(d):\n    open(d + '/pwned.txt', 'w').write('x')", "{canary!r}"),
+    ("delete_outside", ("landlock", "uid"), {"error"}, "PermissionError", "import os\ndef f(d):\n    os.remove(d + '/keep.txt')", "{canary!r}"),
+    ("chdir_root_write", ("landlock", "uid"), {"error"}, "Error", "import os\ndef f(x):\n    os.chdir('/')\n    open('azr-exec-pwned', 'w')", "0"),
+    ("write_read_cwd", None, {"ok"}, "='hello'", "def f(x):\n    open('a.txt', 'w').write('hello')\n    return open('a.txt').read()", "0"),
+    ("big_file_cwd", None, {"error"}, "File too large", "def f(x):\n    open('big', 'wb').write(bytes(50 * 2 ** 20))", "0"),
+    ("many_files_cwd", None, {"ok"}, "=2000", "import os\ndef f(n):\n    for i in range(n):\n        open(f'{i}.txt', 'w').close()\n    return len(os.listdir('.'))", "2000"),
+    ("many_fds", None, {"error"}, "Too many open files", "def f(x):\n    return [open(f'{i}', 'w') for i in range(100)]", "0"),
+    ("read_etc_passwd", ("landlock",), {"error"}, "PermissionError", "def f(x):\n    return open('/etc/passwd').read()[:10]", "0"),
+    ("read_project_file", ("landlock",), {"error"}, "PermissionError", "def f(p):\n    return open(p).read()[:10]", "{test_file!r}"),
+    ("environ_secret", None, {"ok"}, "=None", f"import os\ndef f(x):\n    return os.environ.get('{_EXEC_SECRET}')", "0"),
+    ("environ_minimal", None, {"ok"}, "=['LANG', 'OMP_NUM_THREADS', 'PATH', 'PYTHONHASHSEED']", "import os\ndef f(x):\n    return sorted(os.environ)", "0"),
+    ("tcp_connect", _EXEC_ANY_NET, {"error"}, None, "import socket\ndef f(port):\n    socket.create_connection(('127.0.0.1', port), timeout=1)", "{tcp_port}"),
+    ("udp_send", ("netns", "seccomp"), {"error"}, None, "import socket\ndef f(port):\n    socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', ('127.0.0.1', port))", "{udp_port}"),
+    ("abstract_unix_connect", _EXEC_ANY_NET, {"error"}, None, "import socket\ndef f(name):\n    socket.socket(socket.AF_UNIX).connect(name)", "{unix_name!r}"),
+    ("os_system", ("seccomp", "landlock"), {"ok", "error"}, "!0", "import os\ndef f(d):\n    return os.system('touch ' + d + '/pwned')", "{canary!r}"),
+    ("subprocess_run", ("seccomp",), {"error"}, "PermissionError", "import subprocess\ndef f(x):\n    return subprocess.run(['true']).returncode", "0"),
+    ("ctypes_system", ("seccomp", "landlock"), {"ok", "error"}, "!0", "import ctypes\ndef f(d):\n    return ctypes.CDLL(None).system(('touch ' + d + '/pwned').encode())", "{canary!r}"),
+    ("subclasses_walk", ("seccomp", "landlock"), {"ok", "error"}, "!0", _p("""
+        def f(d):
+            for c in ().__class__.__base__.__subclasses__():
+                if c.__name__ == '_wrap_close':
+                    return c.__init__.__globals__['system']('touch ' + d + '/pwned')
+            return 'not found'"""), "{canary!r}"),
+    ("import_trick", None, {"ok"}, None, "def f(x):\n    return __import__('o' + 's').getcwd()", "0"),
+    ("fork_once", None, {"ok", "error"}, None, _p("""
+        import os, time
+        def f(x):
+            if os.fork() == 0:
+                time.sleep(30)
+                os._exit(0)
+            return 1"""), "0"),
+    ("setsid_double_fork", None, {"ok", "error"}, None, _p("""
+        import os, time
+        def f(x):
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    time.sleep(30)
+                os._exit(0)
+            return 1"""), "0"),
+    ("fork_storm_200", None, {"ok", "error"}, None, _p("""
+        import os, time
+        def f(n):
+            for _ in range(n):
+                if os.fork() == 0:
+                    time.sleep(30)
+                    os._exit(0)
+            return n"""), "200"),
+    ("fork_bomb", ("seccomp", "uid"), {"error", "timeout", "crash"}, None, "import os\ndef f(x):\n    while True:\n        os.fork()", "0"),
+    ("raise_rlimit", ("seccomp", "uid", "nocaps"), {"error"}, None, "import resource\ndef f(x):\n    inf = resource.RLIM_INFINITY\n    resource.setrlimit(resource.RLIMIT_AS, (inf, inf))", "0"),
+    ("kill_zygote", ("landlock", "seccomp", "uid"), {"error"}, "PermissionError", "import os, signal\ndef f(x):\n    os.kill(os.getppid(), signal.SIGKILL)", "0"),
+    ("signal_trainer", ("landlock", "seccomp", "uid"), {"error"}, "PermissionError", "import os\ndef f(pid):\n    os.kill(pid, 0)", "{trainer_pid}"),
+    ("kill_sibling", ("landlock", "seccomp", "uid"), {"error"}, "PermissionError", "import os, signal\ndef f(pid):\n    os.kill(pid, signal.SIGKILL)", "{sibling_pid}"),
+    ("proc_ppid_mem", ("landlock", "uid"), {"error"}, "Error", "import os\ndef f(x):\n    open(f'/proc/{os.getppid()}/mem', 'r+b')", "0"),
+    ("ignore_signals_spin", None, {"timeout"}, None, _p("""
+        import signal
+        def f(x):
+            for s in (signal.SIGALRM, signal.SIGTERM, signal.SIGINT):
+                signal.signal(s, signal.SIG_IGN)
+            while True:
+                pass"""), "0"),
+    ("sys_exit", None, {"error"}, "SystemExit", "import sys\ndef f(x):\n    sys.exit(0)", "0"),
+    ("os_exit", None, {"crash"}, None, "import os\ndef f(x):\n    os._exit(0)", "0"),
+    ("base_exception", None, {"error"}, "BaseException", "def f(x):\n    raise BaseException('boom')", "0"),
+    ("keyboard_interrupt", None, {"error"}, "KeyboardInterrupt", "def f(x):\n    raise KeyboardInterrupt", "0"),
+    ("recursion", None, {"error"}, "RecursionError", "def f(x):\n    return f(x + 1)", "0"),
+    ("recursion_limit_raised", None, {"timeout", "memory", "crash", "error"}, None, _p("""
+        import sys
+        def f(x):
+            sys.setrecursionlimit(10 ** 7)
+            def g(n):
+                return g(n + 1) + 1
+            return g(0)"""), "0"),
+    ("lingering_thread", None, {"ok", "error"}, None, "import threading, time\ndef f(x):\n    threading.Thread(target=time.sleep, args=(100,)).start()\n    return 'done'", "0"),
+    ("input_call", None, {"error"}, "EOFError", "def f(x):\n    return input()", "0"),
+    ("closed_stdio_spin", None, {"timeout"}, None, "import os\ndef f(x):\n    os.close(1)\n    os.close(2)\n    while True:\n        pass", "0"),
+    ("forged_frame", None, {"crash"}, "malformed", _p("""
+        import json, os, struct
+        def f(x):
+            body = json.dumps({'status': 'ok', 'value': "__import__('os').system('id')", 'error': None}).encode()
+            for fd in range(3, 64):
+                try:
+                    os.write(fd, struct.pack('>I', len(body)) + body)
+                except OSError:
+                    pass
+            while True:
+                pass"""), "0"),
+    ("poison_builtins", None, {"ok"}, "=[42]", "import builtins\nbuiltins.sorted = lambda *a, **k: [42]\ndef f(x):\n    return sorted(x)", "[3, 1]"),
+    ("repr_sleeps", None, {"timeout"}, None, "import time\nclass A:\n    def __repr__(self):\n        time.sleep(100)\n        return '1'\ndef f(x):\n    return A()", "0"),
+    ("repr_raises", None, {"error"}, "RuntimeError", "class A:\n    def __repr__(self):\n        raise RuntimeError('no repr')\ndef f(x):\n    return A()", "0"),
+    ("eq_always_true", None, {"error"}, "OutputNotAValue", "class A:\n    def __eq__(self, o):\n        return True\n    def __repr__(self):\n        return '1'\ndef f(x):\n    return A()", "0"),
+    ("self_referential", None, {"error"}, "OutputNotAValue", "def f(x):\n    a = [1]\n    a.append(a)\n    return a", "0"),
+    ("generator_return", None, {"error"}, "OutputNotAValue", "def f(x):\n    return (i for i in range(3))", "0"),
+    ("nan_return", None, {"error"}, "OutputNotAValue", "def f(x):\n    return float('nan')", "0"),
+    ("no_f", None, {"error"}, "NameError", "def g(x):\n    return x", "0"),
+    ("syntax_error", None, {"error"}, "SyntaxError", "def f(x) return x", "0"),
+    ("code_as_input", None, {"error"}, "InvalidInput", "def f(x):\n    return x", "__import__('os').system('touch /azr-exec-pwned')"),
+]
+
+
+@pytest.mark.parametrize("case", _EXEC_CASES, ids=[c[0] for c in _EXEC_CASES])
+def test_exec_adversarial(ex, world, case):
+    name, needs, statuses, expect, program, inputs = case
+    if needs and not set(needs) & set(ex.layers):
+        pytest.skip(f"needs one of the layers {needs}; unavailable here: "
+                    + "; ".join(f"{n}: {ex.skipped.get(n, 'not requested')}" for n in needs))
+    zygote_pids = [z.proc.pid for z in _exec_zygotes(ex)]
+    r = ex.run(program, inputs.format(**world))
+    assert r.status in statuses, r
+    if expect and expect.startswith("="):
+        assert r.value == expect[1:], r
+    elif expect and expect.startswith("!"):
+        assert r.status != "ok" or r.value != expect[1:], r
+    elif expect:
+        assert expect in (r.error or ""), r
+    if r.status == "ok":
+        parse_value(r.value)
+    else:
+        assert r.value is None
+    if name == "import_trick":
+        assert any(r.value.strip("'").startswith(z.base_dir) for z in _exec_zygotes(ex)), r
+    if name == "poison_builtins":  # the next task gets a fresh fork with the real builtins
+        assert ex.run("def f(x):\n    return sorted(x)", "[3, 1]") == Result("ok", "[1, 3]", None)
+    _exec_assert_contained(ex, world, zygote_pids)
+
+
+def test_exec_adversarial_count():
+    assert len(_EXEC_CASES) >= 40
+
+
+def test_exec_task_cannot_reach_the_next_tasks_child(ex, world):
+    """The next task's child may be forked (dir included) while a task runs: the task must not be able to
+    plant files there, and the next task must start in an empty directory."""
+    plant = _p("""
+        import os
+        def f(x):
+            here = os.getcwd()
+            for n in range(1, 4):
+                nxt = os.path.join(os.path.dirname(here), str(int(os.path.basename(here)) + n))
+                try:
+                    open(os.path.join(nxt, 'planted.txt'), 'w').write('x')
+                    return 'planted in ' + nxt
+                except OSError:
+                    pass
+            return 'refused'""")
+    zygote_pids = [z.proc.pid for z in _exec_zygotes(ex)]
+    results = [ex.run(plant, "0") for _ in range(3)]
+    after = ex.run("import os\ndef f(x):\n    return sorted(os.listdir('.'))", "0")
+    assert all(r == Result("ok", "'refused'", None) for r in results), results
+    assert after == Result("ok", "[]", None)
+    _exec_assert_contained(ex, world, zygote_pids)
+
+
+def test_exec_kwargs_and_batch_order(ex):
+    prog = "def f(a, b=0, *, c=1):\n    return [a, b, c]"
+    jobs = [(prog, f"{i}, c={i * 2}") for i in range(30)] + [(prog, "1, 2, 3, 4")]
+    rs = ex.run_batch(jobs)
+    assert [r.value for r in rs[:30]] == [repr([i, 0, i * 2]) for i in range(30)]
+    assert rs[30].status == "error" and rs[30].error.startswith("TypeError")
+
+
+def test_exec_determinism_check(ex):
+    deterministic = [
+        "def f(xs):\n    return sorted(set(xs))",
+        "def f(xs):\n    return set(xs)",                      # same set, printed in another order
+        "def f(xs):\n    return {x: len(x) for x in xs}",
+        "from collections import Counter\ndef f(xs):\n    return sorted(Counter(''.join(xs)).items())",
+    ]
+    nondeterministic = [
+        "def f(xs):\n    return list(set(xs))",                # string hash order
+        "def f(xs):\n    return id(object())",                 # heap layout
+        "def f(xs):\n    return hash(xs[0])",
+        "import random\ndef f(xs):\n    return random.random()",
+        "import os\ndef f(xs):\n    return os.environ['PYTHONHASHSEED']",
+    ]
+    xs = "['apple', 'banana', 'cherry', 'date', 'elder', 'fig', 'grape']"
+    rs = ex.run_batch([(p, xs) for p in deterministic + nondeterministic], check_determinism=True)
+    plain = ex.run_batch([(p, xs) for p in deterministic + nondeterministic])
+    assert all(r.status == "ok" for r in rs[:len(deterministic)]), rs
+    assert [r.value for r in rs[:len(deterministic)]] == [r.value for r in plain[:len(deterministic)]]
+    for r, p in zip(rs[len(deterministic):], plain[len(deterministic):]):
+        assert p.status == "ok" and r.status == "error" and r.error.startswith("Nondeterministic"), (r, p)
+    failing = ex.run_batch([("def f(x):\n    return 1 / x", "0")], check_determinism=True)[0]
+    assert failing.status == "error" and failing.error.startswith("ZeroDivisionError")
+
+
+def test_exec_killed_zygote_is_internal_then_recovers(world):
+    with Executor(workers=1, timeout=10.0) as executor:
+        import threading
+        box = []
+        t = threading.Thread(target=lambda: box.append(executor.run("import time\ndef f(x):\n    time.sleep(8)", "0")))
+        t.start()
+        zygote = executor.slots[0].canonical.proc.pid
+        children = Path(f"/proc/{zygote}/task/{zygote}/children")
+        for _ in range(500):
+            if children.exists() and children.read_text().split():
+                break
+            select.select([], [], [], 0.01)
+        task = int(children.read_text().split()[0])
+        os.kill(zygote, signal.SIGKILL)
+        t.join()
+        assert box[0].status == "internal", box
+        for _ in range(200):  # the task dies of its parent-death signal
+            if not Path(f"/proc/{task}").exists() or "Z" in Path(f"/proc/{task}/stat").read_text().split()[2]:
+                break
+            select.select([], [], [], 0.01)
+        assert not Path(f"/proc/{task}").exists() or Path(f"/proc/{task}/stat").read_text().split()[2] == "Z"
+        assert executor.run("def f(x):\n    return x * 2", "21") == Result("ok", "42", None)
+        assert executor.slots[0].canonical.proc.pid != zygote
+
+
+def test_exec_no_layers_still_correct(world, caplog):
+    """Where no layer is available the executor must still give the right statuses and clean up."""
+    with caplog.at_level(logging.INFO, logger="azr.executor"):
+        executor = Executor(workers=1, timeout=2.0, memory_mb=512, layers=())
+    with executor:
+        assert executor.layers == () and "layers active: none" in caplog.text
+        cases = [c for c in _EXEC_CASES if c[0] in {"infinite_loop", "bytearray_bomb", "fork_once", "setsid_double_fork",
+                                                     "fork_storm_200", "os_exit", "write_read_cwd", "poison_builtins",
+                                                     "long_return", "forged_frame", "environ_secret"}]
+        for name, _, statuses, _, program, inputs in cases:
+            zygote_pids = [z.proc.pid for z in _exec_zygotes(executor)]
+            assert executor.run(program, inputs.format(**world)).status in statuses, name
+            _exec_assert_contained(executor, world, zygote_pids)
+
+
+def test_exec_layers_logged(ex, caplog):
+    with caplog.at_level(logging.INFO, logger="azr.executor"):
+        Executor(workers=1, timeout=1.0).close()
+    assert "layers active: " + ", ".join(ex.layers) in caplog.text
+    for name, why in ex.skipped.items():
+        assert f"layer {name} skipped: {why}" in caplog.text
+
+
+_EXEC_OTHER_INTERPRETER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from executor import Executor
+with Executor(workers=1, timeout=2.0) as ex:
+    rs = [ex.run("import os\\ndef f(x):\\n    return [os.getuid(), x]", "5"),
+          ex.run("def f(d):\\n    open(d + '/pwned', 'w')", repr(sys.argv[2])),
+          ex.run("import os\\ndef f(x):\\n    os.fork()", "0")]
+    print(json.dumps({"layers": ex.layers, "skipped": ex.skipped, "results": rs}))
+"""
+
+
+def _exec_world_readable(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o005 == 0o005 for p in path.parents) and path.stat().st_mode & 0o004
+
+
+@pytest.mark.parametrize("as_user", ["root_uid_drop", "ordinary_user"])
+def test_exec_other_users(world, as_user):
+    """As root with a world-readable stdlib, children drop to a per-worker uid; as an ordinary user,
+    the executor works with the layers that need no privilege."""
+    python = Path(sys.executable).resolve()
+    stdlib = Path(os.__file__).resolve()
+    if not _exec_world_readable(stdlib) or not _exec_world_readable(python):
+        candidates = [Path(p) for p in ("/usr/bin/python3", "/usr/local/bin/python3") if Path(p).exists()]
+        python = next((p.resolve() for p in candidates if _exec_world_readable(p.resolve())), None)
+        if python is None:
+            pytest.skip(f"no Python with a world-readable stdlib here ({stdlib} is not)")
+    if subprocess.run([str(python), "-c", "import sys; assert sys.version_info >= (3, 11)"]).returncode:
+        pytest.skip(f"{python} is older than 3.11")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to test a uid drop or to become an ordinary user")
+    executor_py = next(p for p in Path(__file__).resolve().parents if (p / "executor.py").is_file()) / "executor.py"
+    cmd = [str(python), "-c", _EXEC_OTHER_INTERPRETER, str(executor_py.parent), world["canary"]]
+    if as_user == "ordinary_user":
+        if not shutil.which("setpriv") or not _exec_world_readable(executor_py):
+            pytest.skip("needs setpriv and a world-readable executor.py")
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    (s0, v0, _), (s1, _, e1), (s2, _, _) = report["results"]
+    uid = parse_value(v0)[0]
+    assert s0 == "ok" and parse_value(v0)[1] == 5
+    if as_user == "ordinary_user":
+        assert uid == 65534 and "uid" not in report["layers"]
+    else:
+        assert "uid" in report["layers"], report["skipped"]
+        assert uid >= 61000
+    assert s1 == "error" and "PermissionError" in e1  # canary dir is root's 0700: no layer needed
+    assert s2 == "error" or "seccomp" not in report["layers"]
+    assert sorted(os.listdir(world["canary"])) == ["keep.txt"]
+
+
+# ------------------------------------------------------------------------------------------ real programs
+
+def _exec_data_jobs():
+    jobs = []  # (file, index, program, inputs, stored output)
+    for line_no, line in enumerate((DATA / "3b_coder_seed_io.jsonl").read_text().splitlines()):
+        d = json.loads(line)
+        jobs.append(("3b_coder_seed_io", line_no, d["snippet"], d["input"], d["output"]))
+    for line_no, line in enumerate((DATA / "3b_coder_code_f_seed_io.jsonl").read_text().splitlines()):
+        d = json.loads(line)
+        jobs += [("3b_coder_code_f_seed_io", line_no, d["snippet"], i, o) for i, o in zip(d["inputs"], d["outputs"])]
+    for line_no, line in enumerate((DATA / "cruxeval.jsonl").read_text().splitlines()):
+        d = json.loads(line)
+        jobs.append(("cruxeval", line_no, d["code"], d["input"], d["output"]))
+    return jobs
+
+
+def _exec_why_differs(program, inputs, stored, r, ex_max_output=400):
+    """The legitimate reasons an entry's result differs from its stored output, or None."""
+    try:
+        parse_args(inputs)
+    except ValueError:
+        if r.status == "error" and r.error.startswith("InvalidInput"):
+            return "input is not a safe value expression (SPEC rule 3)"
+    try:
+        parse_value(stored)
+    except ValueError:
+        return "stored output is not a value (upstream stored a truncated, empty or non-literal repr)"
+    if r.status == "error" and r.error.startswith("ModuleNotFoundError"):
+        module = r.error.split("'")[1].split(".")[0]
+        if module not in sys.stdlib_module_names:
+            return f"imports {module}, which is not in the standard library"
+    if r.status == "output_limit" and len(stored) > ex_max_output:
+        return f"repr longer than {ex_max_output} characters (upstream stored it cut short)"
+    return None
+
+
+def test_exec_reproduces_stored_outputs(ex):
+    jobs = _exec_data_jobs()
+    results = ex.run_batch([(p, i) for _, _, p, i, _ in jobs])
+    matched, differ, unexplained = {}, {}, []
+    for (name, line_no, program, inputs, stored), r in zip(jobs, results):
+        if r.status == "ok":
+            try:
+                if values_equal(parse_value(r.value), parse_value(stored)):
+                    matched[name] = matched.get(name, 0) + 1
+                    continue
+            except ValueError:
+                pass
+        why = _exec_why_differs(program, inputs, stored, r)
+        if why is None:
+            unexplained.append((name, line_no, inputs[:60], stored[:60], r))
+        differ.setdefault((name, why), []).append(line_no)
+    summary = "\n".join(f"{n}: {len(v)} differ: {why}: lines {sorted(set(v))[:20]}" for (n, why), v in sorted(differ.items(), key=str))
+    print(f"matched {matched}\n{summary}")
+    assert unexplained == [], "\n".join(map(str, unexplained))
+
+
+# ==============================================================================================================
+# model.py: decoder and sampler against transformers (issue 3)
+# ==============================================================================================================
+
+def _model_config(kind: str, tied: bool) -> "M.ModelConfig":
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_heads=4, num_kv_heads=2, head_dim=16,
+                  num_layers=2, tie_word_embeddings=tied, max_position_embeddings=4096, eos_token_id=None)
+    if kind == "qwen2":
+        return M.ModelConfig(**common, rope_theta=1e6, qkv_bias=True, model_type="qwen2")
+    # small original context so all three Llama-3 frequency bands (kept, interpolated, divided) occur
+    return M.ModelConfig(**common, rope_theta=5e5, model_type="llama", rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=256))
+
+
+def _model_hf_and_ours(kind: str, tied: bool, tmp_path, seed: int = 0):
+    """A transformers model with random weights (biases and norms too), and ours loaded from its files."""
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_config(_model_config(kind, tied).to_hf()).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.15 * noise)
+    hf.save_pretrained(tmp_path / "hf")
+    M.byte_tokenizer().save_pretrained(tmp_path / "hf")
+    ours, _ = M.load_model(str(tmp_path / "hf"))
+    return hf, ours
+
+
+def _model_logits(model, ids):
+    return model.lm_head(model(ids))
+
+
+def _model_rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind,tied", [("qwen2", True), ("qwen2", False), ("llama", False), ("llama", True)])
+def test_model_logits_match_transformers(kind, tied, tmp_path):
+    hf, ours = _model_hf_and_ours(kind, tied, tmp_path)
+    assert ours.config == _model_config(kind, tied)
+    assert (ours.lm_head.weight is ours.embed_tokens.weight) == tied
+    ids = torch.randint(0, 300, (2, 600), generator=torch.Generator().manual_seed(1))  # past the 256 of llama3
+    with torch.no_grad():
+        assert _model_rel_err(_model_logits(ours, ids), hf(ids).logits) < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_model_greedy_matches_transformers_generate(kind, tmp_path):
+    hf, ours = _model_hf_and_ours(kind, False, tmp_path)
+    prompts = [[5, 17, 200, 3], [9] * 11, list(range(40, 63)), [250]]
+    samples = M.generate(ours, prompts, max_new_tokens=24, temperature=0.0)
+    for prompt, s in zip(prompts, samples):
+        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, min_new_tokens=24,
+                          pad_token_id=0)[0, len(prompt):].tolist()
+        assert s.tokens == ref and s.finish_reason == "length"
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8), (0.0, 1.0)])
+def test_model_logprobs_match_full_forward(temperature, top_p):
+    """Returned logprobs = log_softmax(logits / T) of a full-sequence forward at the sampled tokens, with the
+    padded LM-head rows (>= len(tokenizer)) masked; top-p only restricts which tokens are drawn."""
+    model, tok = M.load_model("tiny", seed=3)
+    M.init_weights(model, seed=3, std=0.3)
+    prompts = [tok.encode("def f(x):"), tok.encode("a")]
+    samples = M.generate(model, prompts, n=2, max_new_tokens=12, temperature=temperature, top_p=top_p,
+                         tokenizer=tok, seed=7)
+    assert len(samples) == 4
+    for k, s in enumerate(samples):
+        prompt = prompts[k // 2]
+        with torch.no_grad():
+            logits = _model_logits(model, torch.tensor([prompt + s.tokens]))[0, len(prompt) - 1:-1].double()
+        logits[:, len(tok):] = -float("inf")
+        ref = (logits / (temperature or 1.0)).log_softmax(-1)
+        picked = ref[torch.arange(len(s.tokens)), torch.tensor(s.tokens)]
+        torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.double), picked, rtol=0, atol=1e-4)
+        assert max(s.tokens) < len(tok)
+        if temperature == 0:
+            assert s.tokens == ref.argmax(-1).tolist()
+        if top_p < 1:  # every drawn token lies in the nucleus of the reference distribution
+            p = ref.exp()
+            mass_before = (p * (p > p[torch.arange(len(s.tokens)), torch.tensor(s.tokens)][:, None])).sum(-1)
+            assert (mass_before < top_p + 1e-6).all()
+
+
+def test_model_batching_and_continuous_refill_do_not_change_samples():
+    """Ragged prompts with samples ending at different steps (stop ids): all at once = 2 slots refilled from
+    the queue = 1 slot (sampled); all at once = one prompt per call (greedy, whose samples carry no index)."""
+    model, tok = M.load_model("tiny", seed=1)
+    M.init_weights(model, seed=1, std=0.3)
+    prompts = [tok.encode(t) for t in ("x = 1", "print('hello world')", "ab", "import this\n" * 3)]
+    limits = [20, 12, 25, 9]  # max_new_tokens per prompt
+    kw = dict(stop_token_ids=list(range(0, 256, 17)), tokenizer=tok, seed=11)
+    runs = [M.generate(model, prompts, n=3, max_new_tokens=limits, max_batch_size=b, **kw) for b in (None, 2, 1)]
+    greedy = [M.generate(model, prompts, max_new_tokens=limits, temperature=0, **kw)]
+    greedy.append([s for p, m in zip(prompts, limits) for s in M.generate(model, [p], max_new_tokens=m,
+                                                                          temperature=0, **kw)])
+    assert len({len(s.tokens) for s in runs[0]}) > 3  # samples really finish at different steps
+    assert {s.finish_reason for s in runs[0] + greedy[0]} == {"stop", "length"}
+    assert all(len(s.tokens) <= limits[k // 3] for k, s in enumerate(runs[0]))
+    assert all(len(s.tokens) == limits[k // 3] for k, s in enumerate(runs[0]) if s.finish_reason == "length")
+    for a, *others in [*zip(*runs), *zip(*greedy)]:
+        for b in others:
+            assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-4)
+
+
+def test_model_seeds_reproduce_and_differ():
+    model, tok = M.load_model("tiny")
+    prompts = [tok.encode("seed")]
+    a, b, c = (M.generate(model, prompts, n=4, max_new_tokens=16, tokenizer=tok, seed=s) for s in (5, 5, 6))
+    assert [s.tokens for s in a] == [s.tokens for s in b]
+    assert [s.tokens for s in a] != [s.tokens for s in c]
+    assert len({tuple(s.tokens) for s in a}) == 4  # the n samples of one prompt differ
+
+
+def test_model_stop_ids_and_strings_end_samples():
+    model, tok = M.load_model("tiny", seed=2)
+    M.init_weights(model, seed=2, std=0.3)
+    prompt = [tok.encode("Assistant: <think>")]
+    free = M.generate(model, prompt, max_new_tokens=40, tokenizer=tok, seed=4)[0]
+    assert free.finish_reason == "length" and len(free.tokens) == 40
+    stop_id = free.tokens[9]
+    cut = free.tokens.index(stop_id)
+    by_id = M.generate(model, prompt, max_new_tokens=40, stop_token_ids=[stop_id], tokenizer=tok, seed=4)[0]
+    assert (by_id.tokens, by_id.finish_reason) == (free.tokens[:cut + 1], "stop")
+    assert by_id.logprobs == pytest.approx(free.logprobs[:cut + 1], abs=1e-5)
+    text = tok.decode(free.tokens)
+    stop = text[15:18]  # a stop string that first completes somewhere inside the free-running sample
+    by_str = M.generate(model, prompt, max_new_tokens=40, stop_strings=["never", stop], tokenizer=tok, seed=4)[0]
+    assert by_str.finish_reason == "stop" and free.tokens[:len(by_str.tokens)] == by_str.tokens
+    assert stop in tok.decode(by_str.tokens) and stop not in tok.decode(by_str.tokens[:-1])
+    with pytest.raises(ValueError, match="tokenizer"):
+        M.generate(model, prompt, max_new_tokens=4, stop_strings=["x"])
+
+
+def test_model_generate_leaves_model_untouched():
+    model, tok = M.load_model("tiny")
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    M.generate(model, [tok.encode("hi")], n=2, max_new_tokens=8, tokenizer=tok)
+    assert model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_model_save_model_round_trips_through_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tok = M.load_model("tiny", seed=4)
+    M.save_model(model, tok, tmp_path / "ckpt")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
+    theirs = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    assert theirs.keys() == model.state_dict().keys()
+    assert all(torch.equal(theirs[k], v) for k, v in model.state_dict().items())
+    ids = torch.randint(0, len(tok), (2, 50), generator=torch.Generator().manual_seed(0))
+    again, tok2 = M.load_model(str(tmp_path / "ckpt"))
+    with torch.no_grad():
+        assert _model_rel_err(hf(ids).logits, _model_logits(model, ids)) < 1e-4
+        assert torch.equal(_model_logits(again, ids), _model_logits(model, ids))
+    text = "def f(x):\n\treturn 'héllo' + \"🙂\" <|endoftext|>\x00\x7f"
+    for t in (AutoTokenizer.from_pretrained(tmp_path / "ckpt"), tok2):
+        assert t.encode(text) == tok.encode(text) and t.decode(tok.encode(text)) == text
+        assert t.eos_token_id == tok.eos_token_id
+
+
+def test_model_tiny_tokenizer_round_trips_every_string():
+    model, tok = M.load_model("tiny")
+    assert tok.eos_token == "<|endoftext|>" and len(tok) < model.config.vocab_size
+    assert model.config.max_position_embeddings >= 16384
+    for text in ["", " leading space", "tabs\tand\nnewlines\r\n", "ünïcödé ∑ 中文 🙂🙃", "\x00\x01\x7f\xff",
+                 "<|endoftext|> inside", "   \n\n  trailing  "]:
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_model_offline_hub_id_gives_one_line_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    with pytest.raises(SystemExit) as e:
+        M.load_model("Qwen2.5-3B")
+    message = str(e.value)
+    assert "\n" not in message and "Qwen/Qwen2.5-3B" in message and "local directory" in message
+
+
+# ==============================================================================================================
+# kernels/: fused logprob + entropy against float64 (issue 4)
+# ==============================================================================================================
+
+_KERNELS_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# x max|truth|. fp32: backward recomputes logits, and numpy (the interpreter) rounds a logit differently at
+# another tile position; planted ~200 logits amplify that ulp. bf16: the interpreter truncates fp32 -> bf16 casts.
+_KERNELS_TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+_KERNELS_IMPLS = {"triton": fused_logprobs.linear_logprobs_triton, "reference": reference.linear_logprobs_reference}
+
+
+@pytest.fixture
+def _kernels_small_chunks(monkeypatch, request):
+    """Shrink the chunk sizes so that test shapes cross every chunk boundary: several vocabulary splits in the
+    Triton forward, several (non tile-aligned) vocabulary chunks in its backward, several token chunks in the
+    reference."""
+    if request.node.callspec.params["impl"] == "triton" and _KERNELS_DEVICE == "cpu" and not fused_logprobs.INTERPRET:
+        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set; set it at the top of the test module")
+    monkeypatch.setattr(fused_logprobs, "VOCAB_PER_PROGRAM", 256)
+    monkeypatch.setattr(fused_logprobs, "DZ_CHUNK_ELEMENTS", 37 * 300)
+    monkeypatch.setattr(reference, "REFERENCE_CHUNK_ELEMENTS", 16 * 1031)
+
+
+def _kernels_naive(hidden, weight, targets, temperature, vocab_size):
+    """What a trainer would write: full logits in the input dtype, softmax in fp32 (fp64 for the ground truth)."""
+    vocab_size = weight.shape[0] if vocab_size is None else vocab_size
+    logits = (hidden @ weight[:vocab_size].T).to(torch.promote_types(hidden.dtype, torch.float32)) / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    return logp.gather(-1, targets[:, None])[:, 0], -(logp.exp() * logp).sum(-1)
+
+
+def _kernels_eval(fn, hidden, weight, targets, temperature, vocab_size, g_logprobs, g_entropy):
+    """Outputs and gradients of the RL-style loss sum(g_logprobs * logprobs + g_entropy * entropy); hidden is
+    passed as a column-major view to exercise strides."""
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logprobs, entropy = fn(h.T.contiguous().T, w, targets, temperature, vocab_size)
+    (g_logprobs.to(logprobs.dtype) * logprobs + g_entropy.to(entropy.dtype) * entropy).sum().backward()
+    return {"logprobs": logprobs, "entropy": entropy, "d_hidden": h.grad, "d_weight": w.grad}
+
+
+def _kernels_assert_no_worse(got, naive, truth, tol):
+    """Cut Cross-Entropy's criterion: elementwise, |truth - got| <= |truth - naive same-dtype| + tol * max|truth|."""
+    for key, true in truth.items():
+        assert got[key].dtype == (torch.float32 if key in ("logprobs", "entropy") else naive[key].dtype), key
+        err, naive_err = (got[key].double() - true).abs(), (naive[key].double() - true).abs()
+        excess = (err - naive_err - tol * true.abs().max()).max().item()
+        assert excess <= 0, f"{key}: error exceeds the naive error + tolerance by {excess:.3g}"
+
+
+def _kernels_inputs(dtype, planted, n=37, d=24, V=1031, vocab_size=1000):
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, d, generator=g)
+    weight = torch.randn(V, d, generator=g) * 0.5
+    if planted:  # Cut Cross-Entropy's stress: every logit ~144 (exp overflows fp32 past 88), one dominant row
+        hidden[:, 0], weight[:, 0] = 12.0, 12.0
+        rows = (57 * torch.arange(n // 2) + 3) % vocab_size  # spread over all vocabulary splits
+        weight[rows] = hidden[: n // 2]
+    weight[vocab_size:] = 30.0  # padded LM-head rows: they would dominate every softmax if they leaked in
+    targets = torch.randint(0, vocab_size, (n,), generator=g)
+    if planted:
+        targets[: n // 4] = rows[: n // 4]  # log p close to 0 for these, far below 0 for the others
+    g_logprobs, g_entropy = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    to = dict(device=_KERNELS_DEVICE)
+    return (hidden.to(dtype=dtype, **to), weight.to(dtype=dtype, **to), targets.to(**to), g_logprobs.to(**to),
+            g_entropy.to(**to))
+
+
+@pytest.mark.parametrize("impl", list(_KERNELS_IMPLS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("planted", [False, True], ids=["random", "planted"])
+def test_kernels_logprobs_entropy_and_grads_match_float64(_kernels_small_chunks, impl, dtype, planted):
+    """Odd shape (N=37, d=24, V=1031), 31 padded vocabulary rows, temperature 0.7, per-token loss weights on both
+    outputs: values and gradients against float64, no worse than a naive same-dtype implementation."""
+    hidden, weight, targets, g_lp, g_ent = _kernels_inputs(dtype, planted)
+    args = (targets, 0.7, 1000, g_lp, g_ent)
+    truth = _kernels_eval(_kernels_naive, hidden.double(), weight.double(), *args)
+    naive = _kernels_eval(_kernels_naive, hidden, weight, *args)
+    got = _kernels_eval(_KERNELS_IMPLS[impl], hidden, weight, *args)
+    _kernels_assert_no_worse(got, naive, truth, _KERNELS_TOL[dtype])
+    assert torch.all(got["d_weight"][1000:] == 0), "padded vocabulary rows must get no gradient"
+    assert torch.isfinite(got["logprobs"]).all() and torch.isfinite(got["entropy"]).all()
+
+
+@pytest.mark.parametrize("impl", list(_KERNELS_IMPLS))
+def test_kernels_tied_embedding_gets_both_gradients(_kernels_small_chunks, impl):
+    """weight is also the input embedding: its gradient is the sum of the LM-head and the embedding paths.
+    Only logprobs enter the loss, so the entropy's upstream gradient is None."""
+    hidden, weight, targets, g_lp, _ = _kernels_inputs(torch.float32, planted=False, vocab_size=1031)
+    token_ids = targets.roll(1)
+    proj = torch.randn(24, 24, generator=torch.Generator().manual_seed(1)).to(_KERNELS_DEVICE) / 24**0.5
+
+    def grads(fn, embedding):
+        embedding = embedding.clone().requires_grad_()
+        mixed = torch.tanh(embedding[token_ids] @ proj.to(embedding.dtype))
+        logprobs, _ = fn(mixed, embedding, targets, 1.0, None)
+        (g_lp.to(logprobs.dtype) * logprobs).sum().backward()
+        return {"d_weight": embedding.grad}
+
+    truth = grads(_kernels_naive, weight.double())
+    _kernels_assert_no_worse(grads(_KERNELS_IMPLS[impl], weight), grads(_kernels_naive, weight), truth, 1e-5)
+
+
+def test_kernels_dispatch_uses_reference_on_cpu(monkeypatch):
+    def triton_must_not_run(*args):
+        raise AssertionError("CPU tensors were dispatched to the Triton kernels")
+
+    monkeypatch.setattr(fused_logprobs, "linear_logprobs_triton", triton_must_not_run)
+    hidden, weight, targets, _, _ = (t.cpu() for t in _kernels_inputs(torch.float32, planted=False))
+    got = kernels.linear_logprobs(hidden, weight, targets, temperature=0.7, vocab_size=1000)
+    want = reference.linear_logprobs_reference(hidden, weight, targets, 0.7, 1000)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("bad", ["hidden_3d", "dtype_mismatch", "targets_shape", "vocab_size", "target_range"])
+def test_kernels_bad_input_gives_one_line_error(bad):
+    hidden, weight, targets = torch.randn(5, 8), torch.randn(20, 8), torch.randint(0, 16, (5,))
+    kwargs = {"temperature": 1.0, "vocab_size": 16}
+    if bad == "hidden_3d":
+        hidden = hidden[None]
+    elif bad == "dtype_mismatch":
+        weight = weight.bfloat16()
+    elif bad == "targets_shape":
+        targets = targets[:4]
+    elif bad == "vocab_size":
+        kwargs["vocab_size"] = 21
+    else:
+        targets[0] = 17
+    with pytest.raises(ValueError, match="^linear_logprobs: [^\n]+$"):
+        kernels.linear_logprobs(hidden, weight, targets, **kwargs)
+
+
+# ==============================================================================================================
+# azr.py: rules, rewards, TRR++, the loop end to end, evaluation (issues 5, 6)
+# ==============================================================================================================
+
+@pytest.fixture(scope="module")
+def azr_executor():
+    with Executor(workers=2, timeout=5.0, max_output_chars=400) as ex:
+        yield ex
+
+
+def _azr_cfg(**kw):
+    return azr.Config(**{"model": "tiny", "device": "cpu", **kw})
+
+
+# --- rewards and advantages against hand-computed values ------------------------------------------------------
+
+def test_learnability_reward_eq4():
+    assert azr.learnability_reward(0.25) == 0.75
+    assert azr.learnability_reward(7 / 8) == pytest.approx(1 / 8)
+    assert azr.learnability_reward(0.0) == 0.0 and azr.learnability_reward(1.0) == 0.0
+    assert azr.learnability_reward(1.0, trivial=-0.5) == -0.5  # upstream's variant, --trivial-proposal-reward
+
+
+def test_proposer_and_solver_rewards_eq6():
+    assert azr.proposer_reward(valid=False, formatted=True, solve_rate=0.5) == -1.0
+    assert azr.proposer_reward(valid=True, formatted=False, solve_rate=0.5) == -1.0
+    assert azr.proposer_reward(valid=True, formatted=True, solve_rate=0.5) == 0.5
+    assert azr.solver_reward(formatted=True, correct=True) == 1.0
+    assert azr.solver_reward(formatted=True, correct=False) == -0.5
+    assert azr.solver_reward(formatted=False, correct=True) == -1.0
+
+
+def test_trr_advantages_match_float64_reference():
+    rewards = [1.0, -0.5, -1.0, 1.0, 0.25]
+    mu, sd = statistics.fmean(rewards), statistics.pstdev(rewards)
+    assert azr.trr_advantages(rewards) == pytest.approx([(r - mu) / (sd + 1e-6) for r in rewards], abs=1e-12)
+    assert azr.trr_advantages([-0.5] * 4) == [0.0] * 4  # all-equal rewards carry no signal
+    assert azr.trr_advantages([1.0]) == [0.0]
+
+
+def test_policy_loss_ppo_clip_and_entropy_bonus():
+    logp = torch.tensor([-1.0, -1.0, -2.0], dtype=torch.float64)
+    old = torch.tensor([-1.0, -1.5, -1.0], dtype=torch.float64)   # ratios 1, e^0.5, e^-1
+    adv = torch.tensor([2.0, 1.0, -1.0], dtype=torch.float64)
+    ent = torch.tensor([0.5, 0.25, 1.0], dtype=torch.float64)
+    got = azr.policy_loss(logp, old, adv, ent, clip_ratio=0.2, entropy_coef=0.01)
+    by_hand = (-2.0 * 1.0) + (-1.0 * 1.2) + max(1.0 * math.exp(-1.0), 1.0 * 0.8) - 0.01 * 1.75
+    assert got.item() == pytest.approx(by_hand, abs=1e-12)
+
+
+# --- answer format, parsing and validation against crafted model outputs --------------------------------------
+
+def test_format_and_answer_extraction():
+    good = " reasoning </think> <answer>```output\n3\n```</answer> trailing text"
+    assert azr.format_ok(good) and azr.extract_answer(good) == "```output\n3\n```"
+    assert not azr.format_ok("no think close <answer>1</answer>")
+    assert not azr.format_ok(" x </think> no answer tags")
+    assert azr.extract_answer(" a </think><answer>1</answer><answer>2</answer>") == "2"  # the last answer
+    assert azr.extract_answer(" a </think><answer>unterminated") is None
+
+
+def test_check_program_rules():
+    code = "import math\n# keep me\ndef solve(x):\n    return helper(x) + solve.__name__.count('s')\n" \
+           "def helper(y):\n    return y\nclass C:\n    def m(self):\n        return solve(1)\n"
+    out = azr.check_program(code)
+    assert "# keep me" in out and "def f(x)" in out and "return f(1)" in out and "solve.__name__" not in out
+    assert "f.__name__" in out and "def helper" in out  # call sites renamed, nested/extra defs allowed
+    for bad in ["import os\ndef f(a):\n    return a", "from os.path import join\ndef f(a):\n    return a",
+                "import numpy.random as r\ndef f(a):\n    return a", "def f(a):\n    return eval(a)",
+                "def f(a):\n    return __import__('o' + 's')", "x = 1", "def f(a) return a",
+                "def g(a):\n    return a\ndef f(b):\n    return b"]:
+        with pytest.raises(azr.Invalid):
+            azr.check_program(bad)
+    stripped = azr.check_program("def f(a):\n    # c\n    return a\nprint(f(1))\nX = 3", strip=True)
+    assert "print" not in stripped and "# c" not in stripped and "X = 3" not in stripped
+
+
+def test_parse_proposals_reject_unsafe_inputs():
+    ok = "```python\ndef g(a, b):\n    return a * b\n```\n```input\n3, dict(k=2)\n```"
+    assert azr.parse_proposal(ok) == ("def f(a, b):\n    return a * b", "3, dict(k=2)")
+    for bad in ["```python\ndef f(a):\n    return a\n```\n```input\n4) or (True\n```",
+                "```python\ndef f(a):\n    return a\n```\n```input\nopen('x')\n```",
+                "```python\ndef f(a):\n    return a\n```\n```input\nf.__globals__\n```",
+                "```python\ndef f(a):\n    return a\n```"]:
+        with pytest.raises(ValueError):
+            azr.parse_proposal(bad)
+    ten = "".join(f"```input\n{i}\n```\n" for i in range(12)) + "```message\nadds one\n```"
+    inputs, message = azr.parse_induction_proposal(ten, 10)
+    assert inputs == [str(i) for i in range(2, 12)] and message == "adds one"  # the last ten
+    with pytest.raises(azr.Invalid):
+        azr.parse_induction_proposal("".join("```input\n1\n```\n" for _ in range(10)) + "```message\nm\n```", 10)
+    with pytest.raises(azr.Invalid):
+        azr.parse_induction_proposal("".join(f"```input\n{i}\n```\n" for i in range(10)), 10)
+
+
+def test_check_proposals_runs_rules_4_and_5_in_the_sandbox(azr_executor):
+    cfg = _azr_cfg(max_output_chars=50)
+    wrap = lambda code, i: f"```python\n{code}\n```\n```input\n{i}\n```"  # noqa: E731
+    texts = [("deduction", wrap("def f(a):\n    return sorted(a)[::-1]", "[3, 1, 2]"), {}),
+             ("abduction", wrap("def f(a):\n    return list({str(x) for x in range(a)})", "30"), {}),  # hash order
+             ("deduction", wrap("def f(a):\n    return id(object()) % 1000 + a", "1"), {}),            # id()
+             ("deduction", wrap("def f(a):\n    return 'x' * a", "100"), {}),                          # too long
+             ("deduction", wrap("def f(a):\n    return 1 / a", "0"), {}),                              # raises
+             ("induction", "".join(f"```input\n{i}\n```\n" for i in range(10)) + "```message\nm\n```",
+              dict(program="def f(a):\n    return a * 2"))]
+    tasks = azr.check_proposals(azr_executor, texts, cfg)
+    assert tasks[0] == dict(program="def f(a):\n    return sorted(a)[::-1]", input="[3, 1, 2]", output="[3, 2, 1]")
+    assert tasks[1:5] == [None] * 4
+    assert tasks[5]["outputs"] == [repr(2 * i) for i in range(10)]
+
+
+def test_grading_is_type_aware_and_injection_proof(azr_executor):
+    double = dict(program="def f(x):\n    return 2 * x", input="5", output="10")
+    flag = dict(program="def f(x):\n    return x > 0", input="3", output="True")
+    ind = dict(program="def f(a):\n    return a + 1", inputs=[str(i) for i in range(10)],
+               outputs=[str(i + 1) for i in range(10)], message="m")
+    always_eq = ("```python\nclass A:\n    def __eq__(self, o):\n        return True\n"
+                 "def f(a):\n    return A()\n```")
+    cases = [("deduction", double, "```output\n10\n```", True),
+             ("deduction", double, "```output\n10.0\n```", False),       # 1 != 1.0
+             ("deduction", flag, "```output\n1\n```", False),            # True != 1
+             ("deduction", flag, "```output\nTrue\n```", True),
+             ("deduction", double, "```output\n__import__('os')\n```", False),
+             ("abduction", double, "```input\n5\n```", True),
+             ("abduction", double, "```input\n4) or (True\n```", False),  # template injection
+             ("abduction", double, "```input\n4\n```", False),
+             ("induction", ind, "```python\ndef f(a):\n    return a + 1\n```", True),
+             ("induction", ind, "```python\ndef f(a):\n    return a + 1 if a < 7 else 0\n```", False),
+             ("induction", ind, always_eq, False),                       # __eq__ that always says yes
+             ("induction", ind, "```python\nimport os\ndef f(a):\n    return a + 1\n```", False),
+             ("deduction", double, None, False)]
+    verdicts = azr.grade_answers(azr_executor, [(k, t, a) for k, t, a, _ in cases])
+    assert verdicts == [want for *_, want in cases]
+
+
+def test_task_buffer_fifo_and_dedup():
+    buf = azr.TaskBuffer(cap=3)
+    tasks = [dict(program=f"def f(a):\n    return a + {i}", input="1", output=str(1 + i)) for i in range(5)]
+    assert buf.add(tasks[0]) and not buf.add(dict(tasks[0]))
+    for t in tasks[1:]:
+        buf.add(t)
+    assert list(buf.items) == tasks[2:]           # oldest dropped first
+    assert buf.add(dict(tasks[0]))                 # evicted entries may come back
+    assert sorted(map(str, buf.sample(random.Random(0), 10))) == sorted(map(str, buf.items))
+
+
+def test_seed_file_loads_real_seeds_with_recomputed_outputs(azr_executor):
+    cfg = _azr_cfg()
+    buffers = azr.new_buffers(cfg)
+    azr.load_seed_file(DATA / "3b_coder_seed_io.jsonl", azr_executor, cfg, buffers)
+    rows = [json.loads(line) for line in (DATA / "3b_coder_seed_io.jsonl").read_text().splitlines()]
+    assert len(buffers["deduction"]) > 200 and len(buffers["induction"]) > 200
+    stored = {}
+    for r in rows:
+        try:
+            stored[azr.check_program(r["snippet"])] = r["output"]
+        except azr.Invalid:  # upstream allowed `import os`/`sys`; our rule 2 does not (SPEC [differs])
+            pass
+    comparable = [(azr.safe_value(stored[t["program"]]), t["output"]) for t in buffers["deduction"].items
+                  if t["program"] in stored]
+    agree = [ok and values_equal(v, parse_value(out)) for (ok, v), out in comparable]
+    assert len(agree) > 200 and sum(agree) >= 0.95 * len(agree)  # the rest: truncated or non-repr upstream outputs
+
+
+# --- end to end: training run, resume, eval, plot --------------------------------------------------------------
+
+_AZR_SMALL = ["--model", "tiny", "--device", "cpu", "--batch-size", "2", "--n-learnability", "2",
+              "--k-references", "2", "--max-response-tokens", "24", "--max-prompt-tokens", "4096",
+              "--exec-workers", "2", "--exec-timeout", "5", "--lr", "1e-3", "--seed-file",
+              str(DATA / "3b_coder_seed_io.jsonl"), "--save-every", "2"]
+
+
+def _azr_run(args, cwd):
+    out = subprocess.run([sys.executable, str(REPO / "azr.py"), *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def _azr_rows(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "tokens_per_s", "mfu"))} for r in rows]
+
+
+def test_train_tiny_two_steps_then_resume_matches_straight_run(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    stdout = _azr_run([*_AZR_SMALL, "--steps", "2", "--out-dir", str(resumed)], tmp_path)
+    for key in ("propose_deduction", "propose_abduction", "propose_induction", "solve_deduction",
+                "solve_abduction", "solve_induction"):
+        assert key in stdout
+    ckpt = resumed / "checkpoints" / "step_000002"
+    assert (ckpt / "model" / "config.json").is_file() and (ckpt / "trainer.pt").is_file()
+    assert (resumed / "samples.txt").read_text().count("=== step 2") >= 6
+    _azr_run([*_AZR_SMALL, "--steps", "3", "--out-dir", str(resumed), "--resume", "auto"], tmp_path)
+    _azr_run([*_AZR_SMALL, "--steps", "3", "--out-dir", str(straight)], tmp_path)
+    assert _azr_rows(resumed) == _azr_rows(straight) and len(_azr_rows(straight)) == 3
+    a, b = (json.loads((r / "checkpoints" / "step_000003" / "buffers.json").read_text()) for r in (resumed, straight))
+    assert a == b
+    from safetensors.torch import load_file
+    wa, wb = (load_file(next((r / "checkpoints" / "step_000003" / "model").glob("*.safetensors")))
+              for r in (resumed, straight))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_flags_give_one_line_errors(tmp_path):
+    for args, needle in [(["--tasks", "deduction,bogus"], "--tasks"), (["--resume", str(tmp_path)], "--resume"),
+                         (["--seed-file", str(tmp_path / "nope.jsonl")], "--seed-file")]:
+        out = subprocess.run([sys.executable, str(REPO / "azr.py"), "--model", "tiny", "--device", "cpu",
+                              "--out-dir", str(tmp_path / "r"), *args], capture_output=True, text=True, timeout=300)
+        assert out.returncode != 0 and needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cruxeval_gold_answers_grade_correct(azr_executor):
+    """Grading agrees with CRUXEval: the gold output is a correct deduction answer and the gold input a correct
+    abduction answer for every item."""
+    rows = [json.loads(line) for line in (DATA / "cruxeval.jsonl").read_text().splitlines()]
+    items = [(kind, dict(program=r["code"], input=r["input"], output=r["output"]),
+              f"```{'output' if kind == 'deduction' else 'input'}\n{r['output' if kind == 'deduction' else 'input']}\n```")
+             for kind in ("deduction", "abduction") for r in rows]
+    with Executor(workers=2, timeout=10.0, max_output_chars=10**6) as ex:
+        verdicts = azr.grade_answers(ex, items)
+    failed = [(k, t["input"]) for (k, t, _), v in zip(items, verdicts) if not v]
+    # The only exceptions: abduction items whose gold input is code, not a value (`range(100, 120)`, a lambda,
+    # `'$78'.upper()`): SPEC rule 3 refuses such inputs from any solver, so they cannot count as correct.
+    exceptions = [(k, t["input"]) for k, t, _ in items if k == "abduction" and not _azr_parses_as_args(t["input"])]
+    assert failed == exceptions and len(exceptions) <= 10
+
+
+def _azr_parses_as_args(text):
+    try:
+        parse_args(text)
+        return True
+    except ValueError:
+        return False
+
+
+def test_eval_command_and_plot_on_tiny(tmp_path):
+    stdout = _azr_run(["eval", "--model", "tiny", "--data", str(DATA / "cruxeval.jsonl"), "--limit", "3",
+                       "--max-new-tokens", "8", "--device", "cpu", "--exec-workers", "2",
+                       "--out", str(tmp_path / "answers.jsonl")], tmp_path)
+    assert "CRUXEval-O pass@1" in stdout and "CRUXEval-I pass@1" in stdout
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert sorted(r["task"] for r in rows) == ["CRUXEval-I"] * 3 + ["CRUXEval-O"] * 3
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/solve_deduction": -1.0 + s / 4,
+                                                           "valid_rate/deduction": s / 8}) + "\n" for s in (1, 2)))
+    out = Path(azr.plot_main([str(run)]))
+    assert out.is_file() and out.stat().st_size > 0
+
+
+# --- the loss really learns, and FSDP2 on two ranks equals one process ----------------------------------------
+
+def test_policy_update_raises_a_toy_verifiable_reward():
+    """Reward = share of generated tokens equal to one target byte. If the advantage sign, the logprob plumbing
+    or the update were wrong, the mean reward would not rise."""
+    from model import generate, load_model
+    torch.manual_seed(0)
+    model, tok = load_model("tiny", seed=0)
+    cfg = _azr_cfg(lr=3e-3, micro_batch_tokens=4096, entropy_coef=0.0)
+    policy = azr.TokenLogprobs(model, len(tok))
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+    target = tok("a", add_special_tokens=False)["input_ids"][0]
+    prompt = tok("x", add_special_tokens=False)["input_ids"]
+    history = []
+    for step in range(30):
+        samples = generate(model, [prompt], n=16, max_new_tokens=8, temperature=1.0, seed=step, tokenizer=tok)
+        rewards = [sum(t == target for t in s.tokens) / len(s.tokens) for s in samples]
+        history.append(statistics.fmean(rewards))
+        rollouts = [azr.Rollout("solve_toy", prompt, s.tokens, s.logprobs, reward=r)
+                    for s, r in zip(samples, rewards)]
+        for r, a in zip(rollouts, azr.trr_advantages(rewards)):
+            r.advantage = a
+        azr.policy_update(policy, opt, rollouts, cfg)
+    assert statistics.fmean(history[-5:]) > statistics.fmean(history[:5]) + 0.2, history
+
+
+_AZR_FSDP_SCRIPT = r"""
+import random, sys, torch
+sys.path.insert(0, sys.argv[1])
+import azr
+from model import load_model
+cfg = azr.Config(model="tiny", device="cpu", lr=1e-2, micro_batch_tokens=96)
+world = azr.init_distributed(cfg)
+torch.manual_seed(0)
+model, tok = load_model("tiny", seed=0)
+for block in model.layers:
+    block.checkpointing = True
+policy = azr.Policy(model, tok, cfg, world)
+opt = torch.optim.AdamW(policy.trainable.parameters(), lr=cfg.lr, weight_decay=0.01)
+rng = random.Random(0)
+rollouts = [azr.Rollout("solve_x", [rng.randrange(200) for _ in range(rng.randrange(2, 9))],
+                        [rng.randrange(200) for _ in range(rng.randrange(1, 12))], [], reward=0.0)
+            for _ in range(7)]
+for r in rollouts:
+    r.logprobs = [-rng.random() * 5 for _ in r.tokens]
+    r.advantage = rng.uniform(-2, 2)
+azr.policy_update(policy.trainable, opt, rollouts, cfg, world)
+full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+state = {k: full(p) for k, p in policy.trainable.model.named_parameters()}
+state.update({"grad." + k: full(p.grad) for k, p in policy.trainable.model.named_parameters()})
+if world[0] == 0:
+    torch.save(state, sys.argv[2])
+if world[1] > 1:
+    torch.distributed.destroy_process_group()
+"""
+
+
+def test_fsdp2_two_ranks_equal_one_process(tmp_path):
+    script = tmp_path / "fsdp_step.py"
+    script.write_text(_AZR_FSDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    one = subprocess.run([sys.executable, str(script), str(REPO), str(tmp_path / "one.pt")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script), str(REPO), str(tmp_path / "two.pt")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    before = dict(__import__("model").load_model("tiny", seed=0)[0].named_parameters())
+    assert a.keys() == b.keys()
+    moved = 0
+    for k in before:
+        torch.testing.assert_close(b["grad." + k], a["grad." + k], rtol=1e-5, atol=1e-8, msg=k)
+        # Adam's first step is about lr * sign(grad): gradients at rounding-noise level (e.g. the key bias's,
+        # which softmax ignores) become full-size steps of arbitrary sign, so compare where the gradient is real.
+        real = a["grad." + k].abs() > 1e-6
+        torch.testing.assert_close(b[k][real], a[k][real], rtol=1e-5, atol=1e-6, msg=k)
+        moved += int((a[k][real] != before[k].detach()[real]).sum())
+    assert moved > 1000  # the step changed the weights
+
+
+def test_torchrun_two_ranks_runs_the_whole_loop(tmp_path):
+    """Sampling sharded over ranks, executor work on rank 0 only, FSDP2 update: one full step on gloo."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(REPO / "azr.py"), "--model", "tiny", "--device", "cpu", "--steps", "1", "--batch-size",
+                          "2", "--n-learnability", "2", "--max-response-tokens", "16", "--seed-size", "0",
+                          "--exec-workers", "1", "--out-dir", str(tmp_path / "run")],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and len([k for k in rows[0] if k.startswith("reward/")]) == 6
+    assert (tmp_path / "run" / "checkpoints" / "step_000001" / "model" / "model.safetensors").is_file()
