@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from executor import Executor, parse_args, parse_value, values_equal
 from kernels import linear_logprobs
-from model import Transformer, generate, load_model, save_model
+from model import Transformer, empty_model, generate, load_model, save_model
 
 KINDS = ("deduction", "abduction", "induction")
 
@@ -93,10 +94,7 @@ class Config:
 
     @property
     def kinds(self):
-        kinds = tuple(k.strip() for k in self.tasks.split(",") if k.strip())
-        if not kinds or set(kinds) - set(KINDS):
-            raise SystemExit(f"error: --tasks must be a comma list of {', '.join(KINDS)}; got {self.tasks!r}")
-        return kinds
+        return tuple(k.strip() for k in self.tasks.split(",") if k.strip())
 
 
 def parse_config(argv, prog="azr.py") -> Config:
@@ -108,7 +106,12 @@ def parse_config(argv, prog="azr.py") -> Config:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-    return Config(**vars(parser.parse_args(argv)))
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if not cfg.kinds or set(cfg.kinds) - set(KINDS):
+        parser.error(f"--tasks must be a comma list of {', '.join(KINDS)}; got {cfg.tasks!r}")
+    if cfg.eval_every and not Path(cfg.eval_data).is_file():
+        parser.error(f"--eval-every needs --eval-data PATH to cruxeval.jsonl; got {cfg.eval_data!r}")
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,7 +132,7 @@ CODE_RULES = f"""- Define a function named `f` that takes at least one argument 
 - Put imports and helper classes at the top; helper functions may also be nested inside `f`.
 - It must be deterministic: no randomness, no date or time, no file or network access, no printing, no state
   outside the function.
-- Do not use any of these words anywhere, not even in comments: {', '.join(sorted(BANNED_MODULES | BANNED_CALLS))}."""
+- Do not import any of: {', '.join(sorted(BANNED_MODULES))}; do not call {', '.join(sorted(BANNED_CALLS))}."""
 
 INPUT_RULES = """- Write the input exactly as the arguments between the parentheses of a call `f(...)`: `'John', {'age': 20}`
   passes two arguments. Use literal values only (numbers, strings, lists, tuples, dicts, sets)."""
@@ -242,6 +245,9 @@ def propose_induction(program, cfg):
     return PROPOSE_INDUCTION.format(n=cfg.n_induction_inputs, input_rules=INPUT_RULES, program=program)
 
 
+PROPOSE_PROMPT = dict(deduction=propose_deduction, abduction=propose_abduction, induction=propose_induction)
+
+
 def solve_deduction(task):
     return SOLVE_DEDUCTION.format(program=task["program"], input=task["input"])
 
@@ -276,13 +282,17 @@ def extract_answer(response):
     if start < 0:
         return None
     end = response.find("</answer>", start)
-    return response[start + len("<answer>"): end if end >= 0 else None] if end >= 0 else None
+    return response[start + len("<answer>"):end] if end >= 0 else None
+
+
+BLOCK_RE = re.compile(r"```([\w-]*)[ \t]*\n(.*?)```", re.S)
 
 
 def fenced_blocks(text, lang):
-    """Contents of ```lang blocks, in order. lang='python' also takes untagged blocks (SPEC 3)."""
-    tags = r"(?:python|py)?" if lang == "python" else re.escape(lang)
-    return [m.strip("\n") for m in re.findall(rf"```{tags}[ \t]*\n(.*?)```", text or "", re.S)]
+    """Contents of ```lang blocks, in order. lang='python' also takes untagged blocks (SPEC 3). Blocks are read
+    left to right first, so the closing fence of one block never opens another."""
+    tags = ("", "python", "python3", "py") if lang == "python" else (lang,)
+    return [body.strip("\n") for tag, body in BLOCK_RE.findall(text or "") if tag.lower() in tags]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,16 +302,12 @@ class Invalid(ValueError):
     """A proposal or answer that breaks a rule; the message names the rule."""
 
 
-def check_program(code, strip=False):
-    """SPEC rules 1-2: parses, defines a top-level function (the first one becomes `f`), no banned import or call.
-    strip=True (seeding only) also drops comments and top-level statements other than imports/defs/classes."""
+def parse_program(code):
+    """SPEC rule 2 on the AST: the program parses and imports or calls nothing banned."""
     try:
         tree = ast.parse(code)
     except (SyntaxError, ValueError, MemoryError, RecursionError) as e:
         raise Invalid(f"program does not parse: {type(e).__name__}")
-    defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
-    if not defs:
-        raise Invalid("program defines no top-level function")
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
@@ -309,8 +315,30 @@ def check_program(code, strip=False):
                 raise Invalid(f"banned import in line {node.lineno}")
         elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in BANNED_CALLS:
             raise Invalid(f"banned call {node.func.id}() in line {node.lineno}")
+    return tree
+
+
+def check_solver_program(code):
+    """An induction answer: rule 2, and it must itself define a top-level `f` (it is run as written)."""
+    tree = parse_program(code)
+    if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "f" for n in tree.body):
+        raise Invalid("the program defines no top-level function f")
+    return code
+
+
+def check_program(code, strip=False):
+    """SPEC rules 1-2 for a proposal: parses, defines a top-level function (the first one becomes `f`), no banned
+    import or call. strip=True (seeding only) also drops comments and top-level statements other than
+    imports/defs/classes."""
+    tree = parse_program(code)
+    defs = [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    if not defs:
+        raise Invalid("program defines no top-level function")
     entry = defs[0].name
-    if entry != "f" and any(isinstance(n, (ast.FunctionDef, ast.ClassDef)) and n.name == "f" for n in tree.body):
+    bound = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+    bound |= {(a.asname or a.name).split(".")[0] for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+              for a in n.names}
+    if entry != "f" and "f" in bound:
         raise Invalid("the first function is not f but another top-level f exists")
     if strip:
         tree.body = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef))]
@@ -402,7 +430,7 @@ def grade_answers(executor, kind_tasks_answers):
         else:
             blocks = fenced_blocks(answer, "python")
             try:
-                program = check_program(blocks[-1]) if blocks else None
+                program = check_solver_program(blocks[-1]) if blocks else None
             except Invalid:
                 program = None
             if program is None:
@@ -467,9 +495,10 @@ class TokenLogprobs(nn.Module):
         self.model, self.vocab_size = model, vocab_size
 
     def forward(self, ids, response_mask, targets, temperature):
-        hidden = self.model(ids)[response_mask]
-        weight = self.model.lm_head.weight
-        return linear_logprobs(hidden, weight.to(hidden.dtype), targets, temperature, self.vocab_size)
+        hidden, weight = self.model(ids)[response_mask], self.model.lm_head.weight
+        # Under autocast the residual stream stays fp32; run the vocabulary matmul in bf16 like the sampler did.
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else hidden.dtype
+        return linear_logprobs(hidden.to(dtype), weight.to(dtype), targets, temperature, self.vocab_size)
 
 
 @dataclass
@@ -628,28 +657,33 @@ def load_seed_file(path, executor, cfg, buffers):
 
 class Policy:
     """What a step needs from the model: the tokenizer, a sampler over the current weights, and the trainable
-    module. Under torchrun each rank samples its share of the prompts with a full copy of the weights that it
-    gathers from the FSDP2 shards before each step (sampling ranks run out of lockstep, FSDP forwards cannot)."""
+    module. On the CPU the sampler runs on the trained fp32 weights themselves. On GPUs it runs on a bf16 copy
+    (the master weights are fp32) refreshed in place after every update; under torchrun each rank gathers that
+    copy from the FSDP2 shards and samples its share of the prompts (sampling ranks run out of lockstep, FSDP
+    forwards cannot)."""
 
     def __init__(self, model, tokenizer, cfg, world):
         self.tokenizer, self.cfg, self.rank, self.size = tokenizer, cfg, *world
-        self.vocab = len(tokenizer)
         self.stop_ids = sorted({i for i in [tokenizer.eos_token_id, tokenizer.pad_token_id] if i is not None})
-        self.sampler = model
-        self.trainable = TokenLogprobs(model, self.vocab)
+        self.trainable = TokenLogprobs(model, len(tokenizer))
         if self.size > 1:
-            device = next(model.parameters()).device
-            self.sampler = Transformer(model.config).to(device, torch.bfloat16 if device.type == "cuda" else None)
-            self.sampler.requires_grad_(False)
             shard_model(self.trainable, model)
+        self.sampler = model
+        device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
+        if device.type == "cuda" or self.size > 1:
+            self.sampler = empty_model(model.config, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+            self.sampler.requires_grad_(False)
             self.refresh_sampler()
 
+    @torch.no_grad()
     def refresh_sampler(self):
-        """Copy the freshly updated weights into the sampling replica (distributed runs only)."""
-        if self.size > 1:
-            full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
-                    for k, v in self.trainable.model.state_dict().items()}
-            self.sampler.load_state_dict(full)
+        """Copy the updated weights into the sampling copy, one tensor at a time (a full gather of every tensor
+        at once would not fit next to the shards for large models)."""
+        if self.sampler is self.trainable.model:
+            return
+        dst = self.sampler.state_dict()
+        for k, v in self.trainable.model.state_dict().items():
+            dst[k].copy_(v.full_tensor() if hasattr(v, "full_tensor") else v)
 
     def encode(self, text):
         return self.tokenizer(R1_TEMPLATE.format(text), add_special_tokens=False)["input_ids"]
@@ -659,14 +693,12 @@ class Policy:
         cfg = self.cfg
         temperature = cfg.temperature if temperature is None else temperature
         mine = list(range(self.rank, len(prompts), self.size))
-        device_ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device == "cuda" and self.size == 1 else nullcontext()
-        with device_ctx:
-            samples = [] if not mine else generate(self.sampler, [prompts[i] for i in mine], n=n,
-                               max_new_tokens=max_new_tokens or cfg.max_response_tokens, temperature=temperature,
-                               top_p=cfg.top_p if temperature > 0 else 1.0, stop_token_ids=self.stop_ids,
-                               stop_strings=["</answer>"], tokenizer=self.tokenizer, seed=seed * 1000 + self.rank,
-                               progress=self.rank == 0 and len(prompts) * n >= 64)
-            out = [(i, j, s) for k, i in enumerate(mine) for j, s in enumerate(samples[k * n:(k + 1) * n])]
+        samples = [] if not mine else generate(
+            self.sampler, [prompts[i] for i in mine], n=n, max_new_tokens=max_new_tokens or cfg.max_response_tokens,
+            temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0, stop_token_ids=self.stop_ids,
+            stop_strings=["</answer>"], tokenizer=self.tokenizer, seed=(cfg.seed * 1_000_003 + seed) * 64 + self.rank,
+            progress=self.rank == 0 and len(prompts) * n >= 64)
+        out = [(i, j, s) for k, i in enumerate(mine) for j, s in enumerate(samples[k * n:(k + 1) * n])]
         if self.size > 1:
             parts = [None] * self.size
             dist.all_gather_object(parts, out)
@@ -704,133 +736,7 @@ def from_rank0(value, world):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# One self-play step (Algorithm 1).
-
-def build_proposer_prompts(kind, buffers, policy, cfg, rng):
-    """Batch of proposer prompts for one kind: K references from the same buffer (deduction/abduction) or one
-    program from deduction + abduction (induction). References are dropped until the prompt fits."""
-    prompts = []
-    for _ in range(cfg.batch_size):
-        if kind == "induction":
-            pool = list(buffers["deduction"].items) + list(buffers["abduction"].items)
-            ref = rng.choice(pool)
-            ids, meta = policy.encode(propose_induction(ref["program"], cfg)), dict(program=ref["program"])
-        else:
-            refs = buffers[kind].sample(rng, cfg.k_references)
-            ids = policy.encode(propose_io(kind, refs, cfg))
-            while len(ids) > cfg.max_prompt_tokens and refs:
-                refs = refs[:-1]
-                ids = policy.encode(propose_io(kind, refs, cfg))
-            meta = {}
-        if len(ids) <= cfg.max_prompt_tokens:
-            prompts.append((ids, meta))
-    return prompts
-
-
-def check_proposals(executor, kinds_texts, cfg, strip=False):
-    """[(kind, response, meta)] -> [task dict or None]: parse each proposal and run rules 4-5 in one batch."""
-    parsed, jobs = [], []
-    for kind, text, meta in kinds_texts:
-        try:
-            if kind == "induction":
-                inputs, message = parse_induction_proposal(text, cfg.n_induction_inputs)
-                parsed.append(dict(program=meta["program"], inputs=inputs, message=message))
-                jobs.append((meta["program"], inputs))
-            else:
-                program, i = parse_proposal(text, strip=strip)
-                parsed.append(dict(program=program, input=i))
-                jobs.append((program, [i]))
-        except (Invalid, ValueError, RecursionError, MemoryError, SyntaxError):
-            parsed.append(None)
-    valid = iter(validate_proposals(executor, jobs) if jobs else [])
-    tasks = []
-    for task in parsed:
-        outputs = next(valid) if task is not None else None
-        if outputs is None or max(map(len, outputs)) > cfg.max_output_chars:
-            tasks.append(None)
-        elif "inputs" in task:
-            tasks.append(dict(task, outputs=outputs))
-        else:
-            tasks.append(dict(task, output=outputs[0]))
-    return tasks
-
-
-def azr_step(step, policy, optimizer, executor, buffers, cfg, rng, world=(0, 1), log=None):
-    """Algorithm 1: propose -> validate -> learnability rollouts -> solve -> grade -> TRR++ advantages -> update.
-    The executor exists on rank 0 only (None elsewhere); its verdicts are broadcast."""
-    kinds, timer, metrics, rollouts, rank0 = cfg.kinds, Timer(), {}, [], world[0] == 0
-    N = cfg.n_learnability
-
-    # 1. Propose: one response per proposer prompt, all kinds in one sampler call, then validate in one batch.
-    with timer("generate"):
-        proposer = [(kind, ids, meta) for kind in kinds
-                    for ids, meta in build_proposer_prompts(kind, buffers, policy, cfg, rng)]
-        proposals = policy.sample([ids for _, ids, _ in proposer], n=1, seed=step * 8 + 1)
-    with timer("execute"):
-        tasks = from_rank0(rank0 and check_proposals(
-            executor, [(kind, extract_answer(text) or "", meta) for (kind, _, meta), (_, text) in zip(proposer, proposals)],
-            cfg), world)
-
-    # 2. Learnability rollouts (Eq. 4; reward only, not trained on), then the solver batch: this step's valid
-    #    tasks first, filled from the buffer. Grading the learnability answers overlaps the solver generation.
-    valid = [(n, proposer[n][0], task) for n, task in enumerate(tasks) if task is not None]
-    solver_tasks = []
-    for kind in kinds:
-        fresh = [task for _, k, task in valid if k == kind][:cfg.batch_size]
-        solver_tasks += [(kind, t) for t in fresh + buffers[kind].sample(rng, cfg.batch_size - len(fresh))]
-    with timer("generate"):
-        learn_outs = policy.sample([policy.encode(SOLVE_PROMPT[kind](task)) for _, kind, task in valid],
-                                   n=N, seed=step * 8 + 2) if valid else []
-    learn_jobs = [(kind, task, extract_answer(text)) for q, (_, kind, task) in enumerate(valid)
-                  for _, text in learn_outs[q * N:(q + 1) * N]]
-    learn_grading = Background(grade_answers, executor, learn_jobs) if rank0 else None
-    with timer("generate"):
-        solve_items = [(kind, task, policy.encode(SOLVE_PROMPT[kind](task))) for kind, task in solver_tasks]
-        solve_items = [x for x in solve_items if len(x[2]) <= cfg.max_prompt_tokens]
-        solve_outs = policy.sample([ids for _, _, ids in solve_items], n=1, seed=step * 8 + 3)
-    with timer("execute"):
-        learn = from_rank0(rank0 and learn_grading.result(), world)
-        verdicts = from_rank0(rank0 and grade_answers(executor, [
-            (kind, task, extract_answer(text)) for (kind, task, _), (_, text) in zip(solve_items, solve_outs)]), world)
-
-    # 3. Rewards. Proposer (Eq. 4, 6); every valid task enters its buffer, whatever its reward (as upstream).
-    solve_rate = {n: sum(learn[q * N:(q + 1) * N]) / N for q, (n, _, _) in enumerate(valid)}
-    for n, ((kind, ids, _), (sample, text)) in enumerate(zip(proposer, proposals)):
-        reward = proposer_reward(tasks[n] is not None, format_ok(text), solve_rate.get(n, 0.0),
-                                 cfg.trivial_proposal_reward)
-        rollouts.append(Rollout(f"propose_{kind}", ids, sample.tokens, sample.logprobs, text, reward))
-        if tasks[n] is not None:
-            buffers[kind].add(tasks[n])
-    # Solver (Eq. 5-6).
-    for (kind, _, ids), (sample, text), correct in zip(solve_items, solve_outs, verdicts):
-        rollouts.append(Rollout(f"solve_{kind}", ids, sample.tokens, sample.logprobs, text,
-                                solver_reward(format_ok(text), correct)))
-    for kind in kinds:
-        mine = [n for n, (k, _, _) in enumerate(proposer) if k == kind]
-        metrics[f"valid_rate/{kind}"] = mean([tasks[n] is not None for n in mine])
-        metrics[f"learnability_solve_rate/{kind}"] = mean([solve_rate[n] for n in mine if n in solve_rate])
-        metrics[f"accuracy/solve_{kind}"] = mean([v for (k, _, _), v in zip(solve_items, verdicts) if k == kind])
-
-    # 4. Task-Relative REINFORCE++: one baseline per task-role batch (Eq. 8), then one update on the step.
-    for key in sorted({r.key for r in rollouts}):
-        group = [r for r in rollouts if r.key == key]
-        for r, a in zip(group, trr_advantages([r.reward for r in group])):
-            r.advantage = a
-        metrics[f"reward/{key}"] = mean([r.reward for r in group])
-        metrics[f"response_tokens/{key}"] = mean([len(r.tokens) for r in group])
-    trained = [r for r in rollouts if cfg.train_proposer or r.key.startswith("solve_")]
-    with timer("train"):
-        metrics.update(policy_update(policy.trainable, optimizer, trained, cfg, world))
-        policy.refresh_sampler()
-
-    metrics.update({f"buffer/{k}": len(buffers[k]) for k in KINDS}, **{f"time/{k}": v for k, v in timer.items()})
-    metrics["generated_tokens"] = sum(len(s.tokens) for s, _ in proposals + learn_outs + solve_outs)
-    metrics["trained_tokens"] = sum(len(r.tokens) + len(r.prompt) for r in trained)
-    metrics["tokens_per_s"] = metrics["generated_tokens"] / max(metrics["time/generate"], 1e-9)
-    if log is not None:
-        log(step, rollouts)
-    return metrics
-
+# Small helpers of the step.
 
 def mean(xs):
     return sum(xs) / len(xs) if xs else None
@@ -870,6 +776,145 @@ class Timer(dict):
             def __exit__(self, *exc):
                 timer[name] = timer.get(name, 0.0) + time.perf_counter() - self.t
         return _Span()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One self-play step (Algorithm 1).
+
+def build_proposer_prompts(kind, buffers, policy, cfg, rng):
+    """Batch of proposer prompts for one kind: K references from the same buffer (deduction/abduction) or one
+    program from deduction + abduction (induction). References are dropped until the prompt fits."""
+    prompts, pool = [], list(buffers["deduction"].items) + list(buffers["abduction"].items)
+    for _ in range(cfg.batch_size):
+        if kind == "induction":
+            program = rng.choice(pool)["program"]
+            ids, meta = policy.encode(propose_induction(program, cfg)), dict(program=program)
+        else:
+            refs = buffers[kind].sample(rng, cfg.k_references)
+            ids = policy.encode(PROPOSE_PROMPT[kind](refs, cfg))
+            while len(ids) > cfg.max_prompt_tokens and refs:
+                refs = refs[:-1]
+                ids = policy.encode(PROPOSE_PROMPT[kind](refs, cfg))
+            meta = {}
+        if len(ids) <= cfg.max_prompt_tokens:
+            prompts.append((ids, meta))
+    return prompts
+
+
+def check_proposals(executor, kinds_texts, cfg, strip=False):
+    """[(kind, response, meta)] -> [task dict or None]: parse each proposal and run rules 4-5 in one batch."""
+    parsed, jobs = [], []
+    for kind, text, meta in kinds_texts:
+        try:
+            if kind == "induction":
+                inputs, message = parse_induction_proposal(text, cfg.n_induction_inputs)
+                parsed.append(dict(program=meta["program"], inputs=inputs, message=message))
+                jobs.append((meta["program"], inputs))
+            else:
+                program, i = parse_proposal(text, strip=strip)
+                parsed.append(dict(program=program, input=i))
+                jobs.append((program, [i]))
+        except (ValueError, RecursionError, MemoryError, SyntaxError):  # Invalid is a ValueError
+            parsed.append(None)
+    valid = iter(validate_proposals(executor, jobs) if jobs else [])
+    tasks = []
+    for task in parsed:
+        outputs = next(valid) if task is not None else None
+        if outputs is None:  # failed rules 4-5 (the executor enforces --max-output-chars)
+            tasks.append(None)
+        elif "inputs" in task:
+            tasks.append(dict(task, outputs=outputs))
+        else:
+            tasks.append(dict(task, output=outputs[0]))
+    return tasks
+
+
+# Sampler seeds per phase, so that every phase of every step draws fresh, reproducible noise.
+SEED_PROPOSE, SEED_LEARNABILITY, SEED_SOLVE, SEED_SEEDING = range(4)
+
+
+def azr_step(step, policy, optimizer, executor, buffers, cfg, rng, world=(0, 1), log=None):
+    """Algorithm 1: propose -> validate -> learnability rollouts -> solve -> grade -> TRR++ advantages -> update.
+    The executor exists on rank 0 only (None elsewhere); its verdicts are broadcast."""
+    kinds, timer, metrics, rollouts, rank0 = cfg.kinds, Timer(), {}, [], world[0] == 0
+    N = cfg.n_learnability
+    fits = lambda ids: len(ids) <= cfg.max_prompt_tokens  # noqa: E731
+
+    # 1. Propose: one response per proposer prompt, all kinds in one sampler call, then validate in one batch.
+    with timer("generate"):
+        proposer = [(kind, ids, meta) for kind in kinds
+                    for ids, meta in build_proposer_prompts(kind, buffers, policy, cfg, rng)]
+        proposals = policy.sample([ids for _, ids, _ in proposer], n=1, seed=step * 8 + SEED_PROPOSE)
+    with timer("execute"):
+        tasks = from_rank0(rank0 and check_proposals(
+            executor, [(kind, extract_answer(text) or "", meta) for (kind, _, meta), (_, text) in zip(proposer, proposals)],
+            cfg), world)
+
+    # 2. Learnability rollouts (Eq. 4; reward only, not trained on) for the valid, well-formatted proposals (a
+    #    broken format earns -1 whatever the solve rate), then the solver batch: this step's valid tasks first,
+    #    filled from the buffer. Grading the learnability answers overlaps the solver generation.
+    valid = [(n, kind, task) for n, ((kind, _, _), task) in enumerate(zip(proposer, tasks)) if task is not None]
+    learnable = [(n, kind, task, ids) for n, kind, task in valid if format_ok(proposals[n][1])
+                 for ids in [policy.encode(SOLVE_PROMPT[kind](task))] if fits(ids)]
+    solver_tasks = []
+    for kind in kinds:
+        fresh = [task for _, k, task in valid if k == kind][:cfg.batch_size]
+        solver_tasks += [(kind, t) for t in fresh + buffers[kind].sample(rng, cfg.batch_size - len(fresh))]
+    with timer("generate"):
+        learn_outs = policy.sample([ids for *_, ids in learnable], n=N, seed=step * 8 + SEED_LEARNABILITY) \
+            if learnable else []
+    learn_jobs = [(kind, task, extract_answer(text)) for q, (_, kind, task, _) in enumerate(learnable)
+                  for _, text in learn_outs[q * N:(q + 1) * N]]
+    learn_grading = Background(grade_answers, executor, learn_jobs) if rank0 else None
+    with timer("generate"):
+        solve_items = [(kind, task, ids) for kind, task in solver_tasks
+                       for ids in [policy.encode(SOLVE_PROMPT[kind](task))] if fits(ids)]
+        solve_outs = policy.sample([ids for *_, ids in solve_items], n=1, seed=step * 8 + SEED_SOLVE) \
+            if solve_items else []
+    with timer("execute"):
+        learn = from_rank0(rank0 and learn_grading.result(), world)
+        verdicts = from_rank0(rank0 and grade_answers(executor, [
+            (kind, task, extract_answer(text)) for (kind, task, _), (_, text) in zip(solve_items, solve_outs)]), world)
+
+    # 3. Rewards. Proposer (Eq. 4, 6); every valid task enters its buffer, whatever its reward (as upstream).
+    solve_rate = {n: sum(learn[q * N:(q + 1) * N]) / N for q, (n, *_) in enumerate(learnable)}
+    for n, ((kind, ids, _), (sample, text)) in enumerate(zip(proposer, proposals)):
+        reward = proposer_reward(tasks[n] is not None, format_ok(text), solve_rate.get(n, 0.0),
+                                 cfg.trivial_proposal_reward)
+        rollouts.append(Rollout(f"propose_{kind}", ids, sample.tokens, sample.logprobs, text, reward))
+        if tasks[n] is not None:
+            buffers[kind].add(tasks[n])
+    # Solver (Eq. 5-6).
+    for (kind, _, ids), (sample, text), correct in zip(solve_items, solve_outs, verdicts):
+        rollouts.append(Rollout(f"solve_{kind}", ids, sample.tokens, sample.logprobs, text,
+                                solver_reward(format_ok(text), correct)))
+    for kind in kinds:
+        mine = [n for n, (k, _, _) in enumerate(proposer) if k == kind]
+        metrics[f"valid_rate/{kind}"] = mean([tasks[n] is not None for n in mine])
+        metrics[f"learnability_solve_rate/{kind}"] = mean([solve_rate[n] for n in mine if n in solve_rate])
+        metrics[f"accuracy/solve_{kind}"] = mean([v for (k, _, _), v in zip(solve_items, verdicts) if k == kind])
+
+    # 4. Task-Relative REINFORCE++: one baseline per task-role batch (Eq. 8), then one update on the step.
+    for key in sorted({r.key for r in rollouts}):
+        group = [r for r in rollouts if r.key == key]
+        for r, a in zip(group, trr_advantages([r.reward for r in group])):
+            r.advantage = a
+        metrics[f"reward/{key}"] = mean([r.reward for r in group])
+        metrics[f"response_tokens/{key}"] = mean([len(r.tokens) for r in group])
+    trained = [r for r in rollouts if cfg.train_proposer or r.key.startswith("solve_")]
+    with timer("train"):
+        metrics.update(policy_update(policy.trainable, optimizer, trained, cfg, world))
+        policy.refresh_sampler()
+
+    metrics.update({f"buffer/{k}": len(buffers[k]) for k in KINDS}, **{f"time/{k}": v for k, v in timer.items()})
+    metrics["generated_tokens"] = sum(len(s.tokens) for s, _ in proposals + learn_outs + solve_outs)
+    metrics["trained_tokens"] = sum(len(r.tokens) + len(r.prompt) for r in trained)
+    metrics["tokens_per_s"] = metrics["generated_tokens"] / max(metrics["time/generate"], 1e-9)
+    if log is not None:
+        log(step, rollouts)
+    return metrics
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Buffers at the start: zero triplet, then a seed file or seeding by the base model (Sec. 3.3.1, SPEC 7).
 
@@ -885,20 +930,25 @@ def init_buffers(policy, executor, cfg, rng, world):
             for task in items[k]:
                 b.add(task)
         return buffers
+    # Seeding (no updates): first the shared deduction/abduction pool, then induction entries over its programs.
     for rnd in range(cfg.seed_rounds):
-        kinds = [k for k in cfg.kinds if len(buffers[k]) < cfg.seed_size]
+        io_kinds = [k for k in ("deduction", "abduction") if k in cfg.kinds]
+        kinds = [k for k in io_kinds if len(buffers[k]) < cfg.seed_size] or \
+            [k for k in ("induction",) if k in cfg.kinds and len(buffers[k]) < cfg.seed_size]
         if not kinds:
             break
-        proposer = [(kind, ids, meta) for kind in kinds for ids, meta in build_proposer_prompts(kind, buffers, policy, cfg, rng)]
-        outs = policy.sample([ids for _, ids, _ in proposer], n=1, seed=10_000_000 + rnd)
-        # Seeding parses the whole response when there is no <answer> (base models often skip the format) and strips
-        # comments and top-level statements, as upstream did.
-        tasks = from_rank0(world[0] == 0 and check_proposals(
+        proposer = [(kind, ids, meta) for kind in kinds
+                    for ids, meta in build_proposer_prompts(kind, buffers, policy, cfg, rng)]
+        outs = policy.sample([ids for _, ids, _ in proposer], n=1, seed=rnd * 8 + SEED_SEEDING)
+        # Seeding parses the whole response when there is no <answer> (base models often skip the format) and
+        # strips comments and top-level statements, as upstream did.
+        tasks = from_rank0(rank0 and check_proposals(
             executor, [(kind, extract_answer(text) or text, meta) for (kind, _, meta), (_, text) in zip(proposer, outs)],
             cfg, strip=True), world)
         for (kind, _, _), task in zip(proposer, tasks):
-            if task is not None:  # deduction and abduction share one seed pool
-                for k in (("induction",) if kind == "induction" else ("deduction", "abduction")):
+            targets = ("induction",) if kind == "induction" else io_kinds  # one shared deduction/abduction pool
+            if task is not None and len(buffers[targets[0]]) < cfg.seed_size:
+                for k in targets:
                     buffers[k].add(dict(task))
         if rank0:
             print(f"seeding round {rnd}: " + ", ".join(f"{k} {len(buffers[k])}" for k in KINDS), flush=True)
@@ -912,24 +962,28 @@ def init_buffers(policy, executor, cfg, rng, world):
 # Checkpoints: the model in Hugging Face format plus optimizer, buffers, step and RNG states, written atomically.
 
 def save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, world):
+    """checkpoints/step_NNNNNN/{model/, optimizer.pt, state.json, buffers.json}, built in a temporary directory and
+    renamed into place, then `latest` is rewritten the same way: a crash leaves the previous checkpoint intact."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    optim_state = get_optimizer_state_dict(policy.trainable, optimizer, options=opts)
-    model = policy.trainable.model
-    if world[1] > 1:
+    optim_state = get_optimizer_state_dict(policy.trainable, optimizer,
+                                           options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model, rank0 = policy.trainable.model, world[0] == 0
+    if world[1] > 1:  # gather the shards tensor by tensor into rank 0's host memory
         full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
-        if world[0] == 0:
-            model = Transformer(model.config)
-            model.load_state_dict({k: v.cpu() for k, v in full.items()})
-    if world[0] != 0:
+        if rank0:
+            with torch.device("meta"):
+                model = Transformer(model.config)
+            model.load_state_dict({k: v.cpu() for k, v in full.items()}, assign=True)
+            model.tie_weights()
+    if not rank0:
         return None
     final = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, policy.tokenizer, tmp / "model")
-    torch.save(dict(step=step, optimizer=optim_state, rng=rng.getstate(), torch_rng=torch.get_rng_state()),
-               tmp / "trainer.pt")
+    torch.save(optim_state, tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(dict(step=step, rng=rng.getstate())))
     (tmp / "buffers.json").write_text(json.dumps({k: list(b.items) for k, b in buffers.items()}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -947,22 +1001,24 @@ def find_checkpoint(cfg):
         if not latest.is_file():
             return None
         path = latest.parent / latest.read_text().strip()
-    if not (path / "trainer.pt").is_file():
-        raise SystemExit(f"error: --resume {path} is not a checkpoint directory (no trainer.pt); pass "
+    if not (path / "state.json").is_file():
+        raise SystemExit(f"error: --resume {path} is not a checkpoint directory (no state.json); pass "
                          f"runs/NAME/checkpoints/step_NNNNNN or 'auto'")
     return path
 
 
-def restore_checkpoint(path, policy, optimizer, cfg, rng):
+def restore_checkpoint(path, policy, optimizer, cfg, rng, world):
+    """The model weights were loaded from path/model already; this restores the rest. Only rank 0 reads the full
+    optimizer state; FSDP2 shards it out to the other ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    state = torch.load(path / "trainer.pt", weights_only=False)
-    set_optimizer_state_dict(policy.trainable, optimizer, state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
-    rng.setstate(state["rng"])
-    torch.set_rng_state(state["torch_rng"])
-    buffers = new_buffers(cfg)
+    optim_state = torch.load(path / "optimizer.pt", weights_only=True) if world[0] == 0 else {}
+    set_optimizer_state_dict(policy.trainable, optimizer, optim_state, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=world[1] > 1))
+    state = json.loads((path / "state.json").read_text())
+    version, internal, gauss = state["rng"]
+    rng.setstate((version, tuple(internal), gauss))
+    buffers = {k: TaskBuffer(cfg.buffer_cap) for k in KINDS}
     for k, items in json.loads((path / "buffers.json").read_text()).items():
-        buffers[k] = TaskBuffer(cfg.buffer_cap)
         for task in items:
             buffers[k].add(task)
     return state["step"], buffers
@@ -998,7 +1054,8 @@ def eval_main(argv):
     p.add_argument("--data", required=True, help="cruxeval.jsonl (fields code, input, output, id)")
     p.add_argument("--limit", type=int, default=0, help="first N items only (0: all 800)")
     p.add_argument("--max-new-tokens", type=int, default=8096, help="generation limit per answer")
-    p.add_argument("--out", default="", help="per-item JSONL (default: next to the data, <model>_cruxeval.jsonl)")
+    p.add_argument("--out", default="", help="per-item JSONL (default: cruxeval_answers.jsonl beside a checkpoint's "
+                                             "model/ directory, else ./<model>_cruxeval_answers.jsonl)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--exec-workers", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)
@@ -1009,8 +1066,9 @@ def eval_main(argv):
                  exec_workers=args.exec_workers)
     model, tokenizer = load_model(args.model, device=args.device)
     policy = Policy(model, tokenizer, cfg, (0, 1))
-    out = args.out or f"{Path(args.model).name or 'model'}_cruxeval.jsonl"
-    with Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout, max_output_chars=10**6) as executor:
+    out = args.out or (Path(args.model).parent / "cruxeval_answers.jsonl" if Path(args.model).is_dir()
+                       else f"{Path(args.model).name}_cruxeval_answers.jsonl")
+    with Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout, max_output_chars=cfg.max_output_chars) as executor:
         scores = evaluate_cruxeval(policy, executor, args.data, args.limit, args.max_new_tokens, out)
     print(f"CRUXEval-O pass@1 {scores['cruxeval_o']:.4f}  CRUXEval-I pass@1 {scores['cruxeval_i']:.4f}  ({out})")
     return scores
@@ -1090,7 +1148,7 @@ def train(cfg):
     run_dir = Path(cfg.out_dir)
     ckpt = find_checkpoint(cfg) if cfg.resume else None
     torch.manual_seed(cfg.seed)
-    # fp32 master weights; bf16 compute comes from autocast (one process) or FSDP2 mixed precision
+    # fp32 master weights; training computes in bf16 through autocast (one process) or FSDP2 mixed precision
     model, tokenizer = load_model(str(ckpt / "model") if ckpt else cfg.model, device=device, seed=cfg.seed)
     for block in model.layers:
         block.checkpointing = cfg.grad_checkpoint
@@ -1105,7 +1163,7 @@ def train(cfg):
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     try:
         if ckpt:
-            start, buffers = restore_checkpoint(ckpt, policy, optimizer, cfg, rng)
+            start, buffers = restore_checkpoint(ckpt, policy, optimizer, cfg, rng, world)
             if rank0 and (run_dir / "metrics.jsonl").is_file():  # drop rows logged after the checkpoint
                 rows = (run_dir / "metrics.jsonl").read_text().splitlines()
                 kept = [r for r in rows if r.strip() and json.loads(r)["step"] <= start]
@@ -1115,8 +1173,8 @@ def train(cfg):
         log = write_samples(run_dir, cfg) if rank0 else None
         flops_peak = peak_flops(cfg) * world[1]
         n_params = sum(p.numel() for p in model.parameters())
-        bar = range(start + 1, cfg.steps + 1)
-        for step in bar:
+        for step in tqdm(range(start + 1, cfg.steps + 1), desc="self-play", disable=not rank0, initial=start,
+                         total=cfg.steps):
             t0 = time.perf_counter()
             metrics = azr_step(step, policy, optimizer, executor, buffers, cfg, rng, world, log)
             metrics["time/step"] = time.perf_counter() - t0
@@ -1124,18 +1182,17 @@ def train(cfg):
                 flops = 6 * n_params * metrics["trained_tokens"] + 2 * n_params * metrics["generated_tokens"]
                 metrics["mfu"] = flops / (metrics["time/step"] * flops_peak)
             if cfg.eval_every and step % cfg.eval_every == 0:
-                if not cfg.eval_data:
-                    raise SystemExit("error: --eval-every needs --eval-data PATH (cruxeval.jsonl)")
-                with Timer()("eval"):
-                    metrics.update(evaluate_cruxeval(policy, executor, cfg.eval_data, cfg.eval_limit,
-                                                     cfg.max_response_tokens, world=world))
+                t0 = time.perf_counter()
+                metrics.update(evaluate_cruxeval(policy, executor, cfg.eval_data, cfg.eval_limit,
+                                                 cfg.max_response_tokens, world=world))
+                metrics["time/eval"] = time.perf_counter() - t0
             if rank0:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(dict(step=step, **metrics)) + "\n")
-                print(f"step {step}: " + "  ".join(f"{k.removeprefix('reward/')} {metrics[k]:+.3f}"
-                                                   for k in sorted(metrics) if k.startswith("reward/"))
-                      + f"  valid {mean([metrics[f'valid_rate/{k}'] for k in cfg.kinds]):.2f}"
-                      + f"  {metrics['time/step']:.1f}s", flush=True)
+                rewards = "  ".join(f"{k.removeprefix('reward/')} {metrics[k]:+.3f}" for k in sorted(metrics)
+                                    if k.startswith("reward/"))
+                valid = mean([metrics[f"valid_rate/{k}"] for k in cfg.kinds])
+                tqdm.write(f"step {step}: {rewards}  valid {valid:.2f}  {metrics['time/step']:.1f}s")
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, world)
     finally:

@@ -241,6 +241,15 @@ def init_weights(model: Transformer, seed: int, std: float = 0.02) -> Transforme
     return model
 
 
+def empty_model(config: ModelConfig, device, dtype) -> Transformer:
+    """A model with allocated but uninitialised weights, for weights that are about to be copied in."""
+    with torch.device("meta"):
+        model = Transformer(config).to(dtype)
+    model = model.to_empty(device=device)
+    model.tie_weights()  # to_empty gives the shared weight two fresh tensors
+    return model
+
+
 def load_model(name: str, device="cpu", dtype=torch.float32, seed: int = 0):
     """`tiny`, a local Hugging Face directory (config.json + *.safetensors), a hub id or a short name."""
     from safetensors import safe_open
@@ -249,10 +258,7 @@ def load_model(name: str, device="cpu", dtype=torch.float32, seed: int = 0):
         return init_weights(Transformer(tiny_config()), seed).to(device=device, dtype=dtype), byte_tokenizer()
     path = Path(name) if Path(name).is_dir() else _download(name)
     config = ModelConfig.from_hf(AutoConfig.from_pretrained(path))
-    with torch.device("meta"):
-        model = Transformer(config).to(dtype)
-    model = model.to_empty(device=device)
-    model.tie_weights()  # to_empty gives the shared weight two fresh tensors
+    model = empty_model(config, device, dtype)
     params, loaded = model.state_dict(), set()
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(file, "pt") as f:

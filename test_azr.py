@@ -929,6 +929,13 @@ def test_check_program_rules():
     assert "print" not in stripped and "# c" not in stripped and "X = 3" not in stripped
 
 
+def test_fenced_blocks_are_read_in_order():
+    text = "```input\n1, 2\n```\nthen\n```python\ndef f(a, b):\n    return a\n```\n```\nuntagged\n```"
+    assert azr.fenced_blocks(text, "python") == ["def f(a, b):\n    return a", "untagged"]
+    assert azr.fenced_blocks(text, "input") == ["1, 2"]
+    assert azr.parse_proposal(text) == ("def f(a, b):\n    return a", "1, 2")  # input block may come first
+
+
 def test_parse_proposals_reject_unsafe_inputs():
     ok = "```python\ndef g(a, b):\n    return a * b\n```\n```input\n3, dict(k=2)\n```"
     assert azr.parse_proposal(ok) == ("def f(a, b):\n    return a * b", "3, dict(k=2)")
@@ -948,12 +955,12 @@ def test_parse_proposals_reject_unsafe_inputs():
 
 
 def test_check_proposals_runs_rules_4_and_5_in_the_sandbox(azr_executor):
-    cfg = _azr_cfg(max_output_chars=50)
+    cfg = _azr_cfg()
     wrap = lambda code, i: f"```python\n{code}\n```\n```input\n{i}\n```"  # noqa: E731
     texts = [("deduction", wrap("def f(a):\n    return sorted(a)[::-1]", "[3, 1, 2]"), {}),
              ("abduction", wrap("def f(a):\n    return list({str(x) for x in range(a)})", "30"), {}),  # hash order
              ("deduction", wrap("def f(a):\n    return id(object()) % 1000 + a", "1"), {}),            # id()
-             ("deduction", wrap("def f(a):\n    return 'x' * a", "100"), {}),                          # too long
+             ("deduction", wrap("def f(a):\n    return 'x' * a", "500"), {}),                          # too long
              ("deduction", wrap("def f(a):\n    return 1 / a", "0"), {}),                              # raises
              ("induction", "".join(f"```input\n{i}\n```\n" for i in range(10)) + "```message\nm\n```",
               dict(program="def f(a):\n    return a * 2"))]
@@ -982,6 +989,8 @@ def test_grading_is_type_aware_and_injection_proof(azr_executor):
              ("induction", ind, "```python\ndef f(a):\n    return a + 1 if a < 7 else 0\n```", False),
              ("induction", ind, always_eq, False),                       # __eq__ that always says yes
              ("induction", ind, "```python\nimport os\ndef f(a):\n    return a + 1\n```", False),
+             ("induction", ind, "```python\ndef g(a):\n    return a + 1\ndef f(a):\n    return g(a)\n```", True),
+             ("induction", ind, "```output_4\n5\n```\n```Python\ndef f(a):\n    return a + 1\n```", True),
              ("deduction", double, None, False)]
     verdicts = azr.grade_answers(azr_executor, [(k, t, a) for k, t, a, _ in cases])
     assert verdicts == [want for *_, want in cases]
@@ -1043,7 +1052,7 @@ def test_train_tiny_two_steps_then_resume_matches_straight_run(tmp_path):
                 "solve_abduction", "solve_induction"):
         assert key in stdout
     ckpt = resumed / "checkpoints" / "step_000002"
-    assert (ckpt / "model" / "config.json").is_file() and (ckpt / "trainer.pt").is_file()
+    assert all((ckpt / f).is_file() for f in ("model/config.json", "optimizer.pt", "state.json", "buffers.json"))
     assert (resumed / "samples.txt").read_text().count("=== step 2") >= 6
     _azr_run([*_AZR_SMALL, "--steps", "3", "--out-dir", str(resumed), "--resume", "auto"], tmp_path)
     _azr_run([*_AZR_SMALL, "--steps", "3", "--out-dir", str(straight)], tmp_path)
