@@ -594,7 +594,13 @@ class TaskBuffer:
         return True
 
     def sample(self, rng, k):
+        """Up to k distinct tasks, uniformly (proposer references)."""
         return rng.sample(list(self.items), min(k, len(self.items)))
+
+    def fill(self, rng, k):
+        """Exactly k tasks, uniformly; with replacement only while the buffer holds fewer than k (solver batches)."""
+        items = list(self.items)
+        return rng.sample(items, k) if len(items) >= k else rng.choices(items, k=k)
 
     def __len__(self):
         return len(self.items)
@@ -859,7 +865,7 @@ def azr_step(step, policy, optimizer, executor, buffers, cfg, rng, world=(0, 1),
     solver_tasks = []
     for kind in kinds:
         fresh = [task for _, k, task in valid if k == kind][:cfg.batch_size]
-        solver_tasks += [(kind, t) for t in fresh + buffers[kind].sample(rng, cfg.batch_size - len(fresh))]
+        solver_tasks += [(kind, t) for t in fresh + buffers[kind].fill(rng, cfg.batch_size - len(fresh))]
     with timer("generate"):
         learn_outs = policy.sample([ids for *_, ids in learnable], n=N, seed=step * 8 + SEED_LEARNABILITY) \
             if learnable else []
@@ -1199,6 +1205,7 @@ def train(cfg):
         if executor is not None:
             executor.close()
         if world[1] > 1:
+            dist.barrier()  # rank 0 may still be writing the last checkpoint
             dist.destroy_process_group()
 
 

@@ -1005,6 +1005,9 @@ def test_task_buffer_fifo_and_dedup():
     assert list(buf.items) == tasks[2:]           # oldest dropped first
     assert buf.add(dict(tasks[0]))                 # evicted entries may come back
     assert sorted(map(str, buf.sample(random.Random(0), 10))) == sorted(map(str, buf.items))
+    filled = buf.fill(random.Random(0), 10)  # a short buffer still fills a whole solver batch
+    assert len(filled) == 10 and all(t in buf.items for t in filled)
+    assert sorted(map(str, buf.fill(random.Random(0), 3))) == sorted(map(str, buf.items))
 
 
 def test_seed_file_loads_real_seeds_with_recomputed_outputs(azr_executor):

@@ -5,12 +5,15 @@
 #   MODEL=Qwen2.5-Coder-7B bash train.sh
 #   MODEL=/path/to/local/hf_dir SEED_FILE=data/7b_coder_seed_io.jsonl bash train.sh
 #
-# Fitting the model (80 GB GPUs; FSDP2 shards weights, grads and AdamW state over the 8 ranks, and each rank
-# also holds one bf16 copy of the full weights for sampling plus its KV cache):
-#   3B  (Qwen2.5-Coder-3B): fits as is; raise MICRO_BATCH_TOKENS to 32768 for speed.
-#   7B  (Qwen2.5-7B, Qwen2.5-Coder-7B, Llama-3.1-8B): fits; keep MICRO_BATCH_TOKENS at 16384.
-#   14B (Qwen2.5-14B, Qwen2.5-Coder-14B): the bf16 sampling copy is 30 GB per rank; lower MICRO_BATCH_TOKENS
-#       to 8192, and if the KV cache gets too small, lower MAX_RESPONSE_TOKENS (the paper used 8096).
+# Fitting the model (80 GB GPUs). FSDP2 shards the fp32 weights, gradients and AdamW state over the 8 ranks
+# (16 bytes per parameter / 8); each rank also holds a bf16 copy of the full weights for sampling (2 bytes per
+# parameter), its KV cache, and activations of one micro-batch (blocks are recomputed in backward). The model
+# is loaded in full on each GPU before it is sharded.
+#   3B  (Qwen2.5-Coder-3B): fits with room to spare; MICRO_BATCH_TOKENS=32768 is faster.
+#   7B  (Qwen2.5-7B, Qwen2.5-Coder-7B, Llama-3.1-8B): fits with the defaults.
+#   14B (Qwen2.5-14B, Qwen2.5-Coder-14B): the full fp32 load (59 GB) is the peak, then 7 GB of shards plus a
+#       30 GB sampling copy remain; use MICRO_BATCH_TOKENS=8192, and MAX_RESPONSE_TOKENS=4096 if the KV cache
+#       leaves too few sampling slots. Not measured here.
 # Without SEED_FILE the base model first seeds 256 tasks per buffer (paper Sec. 3.3.1); upstream's released
 # seeds are in its repository under data/ (*_seed_io.jsonl and *_code_f_seed_io.jsonl side by side).
 set -euo pipefail
