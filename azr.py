@@ -975,11 +975,15 @@ def save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, world):
                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     model, rank0 = policy.trainable.model, world[0] == 0
     if world[1] > 1:  # gather the shards tensor by tensor into rank 0's host memory
-        full = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+        full = {}
+        for k, v in model.state_dict().items():
+            v = v.full_tensor() if hasattr(v, "full_tensor") else v  # a collective: every rank takes part
+            if rank0:
+                full[k] = v.cpu()
         if rank0:
             with torch.device("meta"):
                 model = Transformer(model.config)
-            model.load_state_dict({k: v.cpu() for k, v in full.items()}, assign=True)
+            model.load_state_dict(full, assign=True)
             model.tie_weights()
     if not rank0:
         return None

@@ -412,7 +412,9 @@ def _num_slots(config: ModelConfig, wanted: int, max_len: int, device, dtype) ->
     kv = 2 * config.num_layers * max_len * config.num_kv_heads * config.head_dim * dtype.itemsize
     per_slot = kv + 32 * config.vocab_size
     reserve = PREFILL_TOKENS * (3 * config.intermediate_size + 6 * config.hidden_size) * dtype.itemsize + 2 ** 30
-    fit = int((0.9 * torch.cuda.mem_get_info(device)[0] - reserve) // per_slot)
+    # memory PyTorch's allocator holds but does not use (the last call's cache, the trainer's activations) is free too
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    fit = int((0.9 * free - reserve) // per_slot)
     if fit < 1:
         raise RuntimeError(f"not enough free GPU memory for one {max_len}-token sequence; "
                            f"lower max_new_tokens or the prompt length")
@@ -577,6 +579,7 @@ class _Rollout:
                 self.slot_sample[s] = None
                 done.append(sample)
                 free.append(s)
+        free += [s for s in range(hi, len(self.slot_sample)) if self.slot_sample[s] is None]  # decoded too (B >= hi)
         if free:  # idle slots keep decoding garbage from position 0 until refilled: keeps positions in range
             f = torch.tensor(free, device=self.device)
             self.tok[f], self.pos[f], self.step[f] = 0, 0, 0
@@ -614,7 +617,8 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     finish_reason "stop" or "length" (max_new_tokens: one for all prompts, or one per prompt). With a
     tokenizer, LM-head rows >= len(tokenizer) are never sampled and get no probability mass (the trainer
     must mask them the same way); stop strings need the tokenizer and are matched in the generated text only.
-    Results depend on (seed, i, j) only, not on batching. max_batch_size caps the concurrent sequences
+    The noise depends on (seed, i, j) only, not on batching (on CUDA, kernels chosen per batch size can still move
+    logits in the last bits). max_batch_size caps the concurrent sequences
     (default: all of them, or as many as GPU memory holds). Weights and train/eval mode are left as they are."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt, and every prompt at least one token")

@@ -644,6 +644,19 @@ def test_model_batching_and_continuous_refill_do_not_change_samples():
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-4)
 
 
+def test_model_prefill_budget_limited_refills_keep_idle_slots_in_range(monkeypatch):
+    """When the prefill budget admits fewer prompts than there are free slots, the slots above the highest busy one
+    still decode (batch buckets are powers of two) and must stay in range; samples equal one-prompt calls."""
+    model, tok = M.load_model("tiny", seed=2)
+    M.init_weights(model, seed=2, std=0.3)
+    prompts = [tok.encode("p" * (30 + k)) for k in range(12)]
+    kw = dict(max_new_tokens=60, temperature=0, tokenizer=tok, stop_token_ids=[7, 19, 33, 41])
+    alone = [M.generate(model, [p], **kw)[0] for p in prompts]
+    monkeypatch.setattr(M, "PREFILL_TOKENS", 40)  # one prompt per prefill
+    together = M.generate(model, prompts, max_batch_size=8, **kw)
+    assert [(s.tokens, s.finish_reason) for s in together] == [(s.tokens, s.finish_reason) for s in alone]
+
+
 def test_model_seeds_reproduce_and_differ():
     model, tok = M.load_model("tiny")
     prompts = [tok.encode("seed")]

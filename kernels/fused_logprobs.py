@@ -18,6 +18,7 @@
 #   In interpreter mode one small autotune config is used and dots run in fp32 (bf16 arithmetic is wrong
 #   there); on the GPU bf16 operands go to the tensor cores and fp32 operands use exact ("ieee") dots.
 import os
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -35,6 +36,8 @@ else:
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=8, num_stages=4),
         triton.Config({"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_N": 64, "BLOCK_V": 256, "BLOCK_D": 64, "GROUP_N": 8}, num_warps=4, num_stages=4),
+        # fp32 inputs need twice the shared memory per stage; the autotuner skips configs that do not fit
+        triton.Config({"BLOCK_N": 64, "BLOCK_V": 64, "BLOCK_D": 32, "GROUP_N": 8}, num_warps=4, num_stages=2),
     ]
 
 
@@ -70,9 +73,9 @@ def _logit_tile(h_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_hn, stride_h
     return acc
 
 
-@triton.autotune(configs=_CONFIGS, key=["D"])
+@triton.autotune(configs=_CONFIGS, key=["D", "n_bucket"])
 @triton.jit
-def _forward_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, N, V, D,
+def _forward_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, N, V, D, n_bucket,
                     stride_hn, stride_hd, stride_wv, stride_wd, inv_temperature, vocab_per_program,
                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
                     UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -109,9 +112,10 @@ def _forward_kernel(h_ptr, w_ptr, y_ptr, m_ptr, s_ptr, t_ptr, zy_ptr, N, V, D,
     tl.store(zy_ptr + out, zy, mask=row_ok)
 
 
-@triton.autotune(configs=_CONFIGS, key=["D"])
+@triton.autotune(configs=_CONFIGS, key=["D", "n_bucket"])
 @triton.jit
-def _backward_kernel(h_ptr, w_ptr, y_ptr, m_ptr, log_s_ptr, ent_ptr, g_lp_ptr, g_ent_ptr, dz_ptr, N, V, D, v_offset,
+def _backward_kernel(h_ptr, w_ptr, y_ptr, m_ptr, log_s_ptr, ent_ptr, g_lp_ptr, g_ent_ptr, dz_ptr, N, V, D, n_bucket,
+                     v_offset,
                      stride_hn, stride_hd, stride_wv, stride_wd, stride_dzn, inv_temperature,
                      BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_N: tl.constexpr,
                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
@@ -139,6 +143,16 @@ def _backward_kernel(h_ptr, w_ptr, y_ptr, m_ptr, log_s_ptr, ent_ptr, g_lp_ptr, g
     tl.store(dz_ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+def _n_bucket(n):
+    # Part of the autotune key, so that the config picked for a small first call is not reused at N = 32k.
+    return min(triton.next_power_of_2(max(n, 1)), 65536)
+
+
+def _on_device(t):
+    # Triton launches on the current CUDA device, which need not be the tensors' device.
+    return torch.cuda.device(t.device) if t.is_cuda else nullcontext()
+
+
 def _precision(hidden):
     return "ieee" if hidden.dtype == torch.float32 else "tf32"  # fp32 operands: exact dots, not tf32; else unused
 
@@ -148,8 +162,10 @@ def _forward(hidden, weight, targets, temperature, vocab_size):
     splits = triton.cdiv(vocab_size, VOCAB_PER_PROGRAM)
     m, s, t, zy = torch.empty(4, splits, n, device=hidden.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * splits,)
-    _forward_kernel[grid](hidden, weight, targets, m, s, t, zy, n, vocab_size, d, *hidden.stride(), *weight.stride(),
-                          1.0 / temperature, VOCAB_PER_PROGRAM, UPCAST=INTERPRET, PRECISION=_precision(hidden))
+    with _on_device(hidden):
+        _forward_kernel[grid](hidden, weight, targets, m, s, t, zy, n, vocab_size, d, _n_bucket(n), *hidden.stride(),
+                              *weight.stride(), 1.0 / temperature, VOCAB_PER_PROGRAM, UPCAST=INTERPRET,
+                              PRECISION=_precision(hidden))
     # Merge the vocabulary splits: rescale each split's sums to the global max.
     m_all = m.amax(0)
     scale = torch.exp(m - m_all)
@@ -183,9 +199,10 @@ class _LinearLogprobs(torch.autograd.Function):
             w = weight[v0:v0 + chunk][:ctx.vocab_size - v0]
             dz = dz_buffer[:, :w.shape[0]]
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(w.shape[0], meta["BLOCK_V"]),)
-            _backward_kernel[grid](hidden, w, targets, m, log_s, entropy, g_logprobs, g_entropy, dz, n, w.shape[0], d, v0,
-                                   *hidden.stride(), *w.stride(), dz.stride(0), 1.0 / ctx.temperature,
-                                   UPCAST=INTERPRET, PRECISION=_precision(hidden))
+            with _on_device(hidden):
+                _backward_kernel[grid](hidden, w, targets, m, log_s, entropy, g_logprobs, g_entropy, dz, n, w.shape[0],
+                                       d, _n_bucket(n), v0, *hidden.stride(), *w.stride(), dz.stride(0),
+                                       1.0 / ctx.temperature, UPCAST=INTERPRET, PRECISION=_precision(hidden))
             if need_hidden:
                 d_hidden += dz @ w
             if need_weight:
