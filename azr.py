@@ -85,6 +85,7 @@ class Config:
     seed_rounds: int = field(default=64, metadata=dict(help="give up seeding after this many proposal rounds"))
     seed: int = field(default=0, metadata=dict(help="random seed (buffers, sampling)"))
     save_every: int = field(default=10, metadata=dict(help="checkpoint every N steps (0: only at the end)"))
+    keep_checkpoints: int = field(default=3, metadata=dict(help="keep the newest N checkpoints (0: keep all; a 7B one is ~90 GB)"))
     resume: str = field(default="", metadata=dict(help="checkpoint directory to resume from, or 'auto' for the latest in out_dir"))
     eval_every: int = field(default=0, metadata=dict(help="CRUXEval-I/O every N steps (0: never)"))
     eval_data: str = field(default="", metadata=dict(help="cruxeval.jsonl for --eval-every"))
@@ -967,7 +968,7 @@ def init_buffers(policy, executor, cfg, rng, world):
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints: the model in Hugging Face format plus optimizer, buffers, step and RNG states, written atomically.
 
-def save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, world):
+def save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, world, keep=0):
     """checkpoints/step_NNNNNN/{model/, optimizer.pt, state.json, buffers.json}, built in a temporary directory and
     renamed into place, then `latest` is rewritten the same way: a crash leaves the previous checkpoint intact."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -1000,6 +1001,8 @@ def save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, world):
     latest = final.parent / "latest.tmp"
     latest.write_text(final.name)
     os.replace(latest, final.parent / "latest")
+    for old in sorted(final.parent.glob("step_??????"))[:-keep] if keep else []:
+        shutil.rmtree(old)
     return final
 
 
@@ -1204,7 +1207,7 @@ def train(cfg):
                 valid = mean([metrics[f"valid_rate/{k}"] for k in cfg.kinds])
                 tqdm.write(f"step {step}: {rewards}  valid {valid:.2f}  {metrics['time/step']:.1f}s")
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-                save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, world)
+                save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, world, cfg.keep_checkpoints)
     finally:
         if executor is not None:
             executor.close()

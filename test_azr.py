@@ -1071,7 +1071,9 @@ def test_train_tiny_two_steps_then_resume_matches_straight_run(tmp_path):
     assert all((ckpt / f).is_file() for f in ("model/config.json", "optimizer.pt", "state.json", "buffers.json"))
     assert (resumed / "samples.txt").read_text().count("=== step 2") >= 6
     _azr_run([*_AZR_SMALL, "--steps", "3", "--out-dir", str(resumed), "--resume", "auto"], tmp_path)
-    _azr_run([*_AZR_SMALL, "--steps", "3", "--out-dir", str(straight)], tmp_path)
+    _azr_run([*_AZR_SMALL, "--steps", "3", "--out-dir", str(straight), "--save-every", "1", "--keep-checkpoints", "2"],
+             tmp_path)
+    assert sorted(p.name for p in (straight / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
     assert _azr_rows(resumed) == _azr_rows(straight) and len(_azr_rows(straight)) == 3
     a, b = (json.loads((r / "checkpoints" / "step_000003" / "buffers.json").read_text()) for r in (resumed, straight))
     assert a == b
