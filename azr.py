@@ -1069,8 +1069,8 @@ def eval_main(argv):
     p.add_argument("--max-new-tokens", type=int, default=8096, help="generation limit per answer")
     p.add_argument("--out", default="", help="per-item JSONL (default: cruxeval_answers.jsonl beside a checkpoint's "
                                              "model/ directory, else ./<model>_cruxeval_answers.jsonl)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--exec-workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--exec-workers", type=int, default=os.cpu_count() or 1, help="executor worker processes")
     args = p.parse_args(argv)
     if not Path(args.data).is_file():
         raise SystemExit(f"error: --data {args.data} not found; get data/cruxeval.jsonl from "
