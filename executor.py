@@ -25,11 +25,14 @@ Per task, between fork and the program (child) and around it (zygote):
     the pipe cannot stall a finished task); a frame over 64 KiB or off-schema is a `crash`; the zygote
     answers first and cleans up (kill, reap, sweep, remove the dir) before it takes its next task;
   - the next task's child: forked while the task runs when the active layers keep a task from reaching
-    another task's child and dir (Landlock, plus seccomp or Landlock signal scoping), otherwise only after
-    the cleanup; one unused for 50 ms is retired, so an idle executor holds no child and no task dir.
+    another task's child and dir (Landlock with signal scoping, ABI >= 6, and seccomp), otherwise only
+    after the cleanup; one unused for 50 ms is retired, so an idle executor holds no child and no task dir.
 Defence layers, each detected when a zygote starts, checked by a probe fork, logged, and skipped with the
-reason when the kernel or the machine refuses it (the executor is still correct with none of them):
+reason when the kernel or the machine refuses it (the executor is still correct with none of them). The
+first zygote fixes the set: a later one (restart, other worker, determinism) that cannot enable all of
+them refuses to start, and its tasks are `internal`, rather than run with fewer.
   - netns:    the zygote unshares a network namespace (userns + netns when not root): no usable network;
+              and an IPC namespace where allowed, so task-made SysV IPC never reaches the host's;
   - uid:      when root, children drop to a per-zygote uid (61000 + 2 * worker + probe) with no groups;
               refused where the stdlib is not readable by that uid (e.g. a pyenv under a 0700 /root);
   - nocaps:   when root and still uid 0, children drop every capability;
@@ -37,16 +40,22 @@ reason when the kernel or the machine refuses it (the executor is still correct 
               /etc, /home, /root, the project); TCP bind/connect denied (ABI >= 4); signals and abstract
               unix sockets scoped to the task (ABI >= 6), which also blocks ptrace and /proc/<pid>/mem;
   - seccomp:  a hand-written BPF filter (x86-64 only): socket, exec, fork/vfork/clone without
-              CLONE_THREAD, ptrace, kill and friends, setsid/setpgid, setrlimit, mount/unshare/setns,
-              bpf, io_uring, keyctl, uid changes, module and reboot calls fail with EPERM (clone3 ENOSYS
-              so glibc falls back to clone and threads still work).
+              CLONE_THREAD, ptrace, kill and friends, SIGIO ownership (fcntl F_SETOWN/F_SETSIG/
+              F_SETOWN_EX, ioctl FIOSETOWN/SIOCSPGRP), priority/affinity/scheduler changes to any
+              process but the caller, setsid/setpgid, setrlimit, mount/unshare/setns, bpf, io_uring,
+              keyctl, SysV IPC and POSIX message queues, uid changes, module and reboot calls fail with
+              EPERM (clone3 ENOSYS so glibc falls back to clone and threads still work).
 What is NOT protected: kernel exploits (run the whole trainer in a VM/container for hostile code);
 aggregate RAM across tasks and tmpfs files (no cgroups: K workers x memory_mb, plus files in task dirs,
-bounded only by the per-file size cap); CPU contention between tasks; reads of world-readable files under
-/usr and the stdlib; a program forging its own result frame (it can only claim a value for f, which it
-controls anyway; the frame is schema- and value-checked); without Landlock and the uid drop, the
-executor's own files and signals; without netns/seccomp/landlock, the network; escapees outliving a zygote
-that is itself killed. A program that sets up its own process group cannot hide from the subreaper sweep.
+bounded only by the per-file size cap, and all task dirs share /dev/shm, which a task can fill until the
+cleanup after it); CPU contention between tasks; reads of world-readable files under /usr and the
+stdlib; a program forging its own result frame (it can only claim a value for f, which it controls
+anyway; the frame is schema- and value-checked); without Landlock and the uid drop, the executor's own
+files and signals; without seccomp, renicing or pinning other same-uid processes, and SysV IPC shared by
+the tasks of one zygote (a channel to the next task; without netns too, RAM that outlives the task);
+without netns/seccomp/landlock, the network; without seccomp (which denies socket()), pathname UNIX
+sockets of other same-uid processes (netns and Landlock do not govern connect() to them); escapees
+outliving a zygote that is itself killed. A program that sets up its own process group cannot hide from the subreaper sweep.
 
 Determinism (SPEC rule 5): `check_determinism=True` re-runs every job that succeeded in a second zygote per
 worker, started lazily with another PYTHONHASHSEED (and so another heap layout and `random` state). The job
@@ -93,7 +102,7 @@ class Result(NamedTuple):
 _MAX_TEXT = 100_000        # characters of value text
 _MAX_DEPTH = 100           # nesting of the expression tree
 _MAX_INT_BITS = 1 << 14    # ~4,900 decimal digits: above CPython's 4,300-digit repr limit
-_MAX_CELLS = 1_000_000     # elements + characters all built containers may hold together
+_MAX_CELLS = 1_000_000     # logical elements + characters of all values built, together (see _SafeValue)
 _CALLS = {"set": set, "frozenset": frozenset, "dict": dict, "list": list, "tuple": tuple}
 _UNARY = {ast.USub: lambda a: -a, ast.UAdd: lambda a: +a, ast.Invert: lambda a: ~a}
 _BINARY = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
@@ -105,18 +114,33 @@ _SEQUENCES = (str, bytes, list, tuple)
 
 
 class _SafeValue:
-    """Evaluates a whitelisted expression tree; every refusal is a ValueError with a one-line reason."""
+    """Evaluates a whitelisted expression tree; every refusal is a ValueError with a one-line reason.
+
+    Sizes are logical: `[[0] * 1000] * 1000` holds a million cells although repetition only copies
+    references, and walking it (values_equal, hashing) takes a million steps. Every built value is charged
+    its logical size, so all the work parsing and comparing does stays bounded by _MAX_CELLS."""
 
     def __init__(self):
         self.cells = 0
+        self.weights = {}  # id -> (container, logical size); holding the container keeps its id unique
+
+    def weight(self, v) -> int:
+        """Logical size: characters of a str or bytes; a container's length plus its children's weights."""
+        if isinstance(v, (str, bytes)):
+            return len(v)
+        if not isinstance(v, (list, tuple, set, frozenset, dict)):
+            return 0
+        if id(v) not in self.weights:
+            children = [x for item in v.items() for x in item] if isinstance(v, dict) else v
+            self.weights[id(v)] = (v, len(v) + sum(map(self.weight, children)))
+        return self.weights[id(v)][1]
 
     def sized(self, v):
         if isinstance(v, int) and v.bit_length() > _MAX_INT_BITS:
             raise ValueError(f"integer over {_MAX_INT_BITS} bits")
-        if isinstance(v, (str, bytes, list, tuple, set, frozenset, dict)):
-            self.cells += len(v)
-            if self.cells > _MAX_CELLS:
-                raise ValueError(f"value holds over {_MAX_CELLS} elements")
+        self.cells += self.weight(v)
+        if self.cells > _MAX_CELLS:
+            raise ValueError(f"value holds over {_MAX_CELLS} elements")
         return v
 
     def eval(self, node, depth=0):
@@ -152,9 +176,8 @@ class _SafeValue:
         raise ValueError(f"{what} is not allowed in a value (only literals, containers, arithmetic, "
                          f"and set/frozenset/dict/list/tuple calls)")
 
-    @staticmethod
-    def check_cost(op, a, b):
-        """Refuse before computing what would be huge: `10**10**9`, `1 << 10**9`, `'x' * 10**9`."""
+    def check_cost(self, op, a, b):
+        """Refuse before computing what would be huge: `10**10**9`, `1 << 10**9`, `[[0] * 10**4] * 10**4`."""
         ints = isinstance(a, int) and isinstance(b, int)
         if isinstance(op, ast.Pow) and ints and b > 0 and abs(a) > 1 and (abs(a).bit_length() - 1) * b > _MAX_INT_BITS:
             raise ValueError(f"power result over {_MAX_INT_BITS} bits")
@@ -162,7 +185,7 @@ class _SafeValue:
             raise ValueError(f"shift result over {_MAX_INT_BITS} bits")
         if isinstance(op, ast.Mult):
             seq, n = (a, b) if isinstance(a, _SEQUENCES) else (b, a)
-            if isinstance(seq, _SEQUENCES) and isinstance(n, int) and len(seq) * n > _MAX_CELLS:
+            if isinstance(seq, _SEQUENCES) and isinstance(n, int) and self.weight(seq) * n > _MAX_CELLS:
                 raise ValueError(f"repetition over {_MAX_CELLS} elements")
         if isinstance(op, ast.Mod) and isinstance(a, (str, bytes)):
             raise ValueError("'%' formatting is not a value")
@@ -243,7 +266,7 @@ def values_equal(a, b) -> bool:
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
-CLONE_NEWUSER, CLONE_NEWNET, CLONE_THREAD = 0x10000000, 0x40000000, 0x00010000
+CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWIPC, CLONE_THREAD = 0x10000000, 0x40000000, 0x08000000, 0x00010000
 SYS_landlock_create_ruleset, SYS_landlock_add_rule, SYS_landlock_restrict_self = 444, 445, 446
 
 
@@ -284,7 +307,8 @@ def _landlock(abi: int, task_dir: str, read_dirs: list[str]):
     os.close(ruleset)
 
 
-# x86-64 syscall numbers denied with EPERM. clone is filtered on its flags, prlimit64 on its new limit.
+# x86-64 syscall numbers denied with EPERM. SysV IPC and POSIX message queues outlive the task (RAM outside
+# memory_mb, and a channel to the determinism re-run); the others reach other processes or the kernel.
 _DENIED = dict(socket=41, socketpair=53, execve=59, execveat=322, fork=57, vfork=58, ptrace=101,
                process_vm_readv=310, process_vm_writev=311, kill=62, tkill=200, tgkill=234,
                rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, pidfd_send_signal=424, pidfd_getfd=438,
@@ -296,8 +320,14 @@ _DENIED = dict(socket=41, socketpair=53, execve=59, execveat=322, fork=57, vfork
                open_by_handle_at=304, mknod=133, mknodat=259, setuid=105, setgid=106, setreuid=113,
                setregid=114, setresuid=117, setresgid=119, setgroups=116, capset=126, personality=135,
                kcmp=312, process_madvise=440, syslog=103, vhangup=153, iopl=172, ioperm=173,
-               fanotify_init=300, quotactl=179, move_pages=279, migrate_pages=256)
-_SYS_clone, _SYS_clone3, _SYS_prlimit64 = 56, 435, 302
+               fanotify_init=300, quotactl=179, move_pages=279, migrate_pages=256,
+               shmget=29, shmat=30, shmctl=31, semget=64, semop=65, semctl=66, semtimedop=220,
+               msgget=68, msgsnd=69, msgrcv=70, msgctl=71, mq_open=240)
+_SYS_clone, _SYS_clone3, _SYS_prlimit64, _SYS_fcntl, _SYS_ioctl = 56, 435, 302, 72, 16
+_SYS_setpriority, _SYS_ioprio_set = 141, 251
+_SYS_sched_setparam, _SYS_sched_setscheduler, _SYS_sched_setaffinity, _SYS_sched_setattr = 142, 144, 203, 314
+F_SETOWN, F_SETSIG, F_SETOWN_EX, FIOSETOWN, SIOCSPGRP = 8, 10, 15, 0x8901, 0x8902
+PRIO_PROCESS, IOPRIO_WHO_PROCESS = 0, 1
 
 
 def _seccomp_program() -> bytes:
@@ -305,13 +335,40 @@ def _seccomp_program() -> bytes:
         return struct.pack("<HBBI", code, jt, jf, k)
     LD, JEQ, JGE, JSET, RET = 0x20, 0x15, 0x35, 0x45, 0x06   # BPF_LD|W|ABS, JMP|JEQ/JGE/JSET|K, RET|K
     ALLOW, KILL, EPERM, ENOSYS = 0x7FFF0000, 0x80000000, 0x50000 | 1, 0x50000 | 38
+
+    def arg(i, high=False):  # offset of a syscall argument's low (or high) 32 bits in struct seccomp_data
+        return 16 + 8 * i + 4 * high
+
+    def allow_only_if(checks):  # [(offset, value)]: EPERM unless every word equals its value
+        body = []
+        for i, (offset, value) in enumerate(checks):
+            body += [insn(LD, offset), insn(JEQ, value, 0, 2 * (len(checks) - i - 1) + 1)]
+        return body + [insn(RET, ALLOW), insn(RET, EPERM)]
+
+    def deny_if(offset, values):  # EPERM when the word is one of `values`
+        body = [insn(LD, offset)] + [insn(JEQ, v, len(values) - i, 0) for i, v in enumerate(values)]
+        return body + [insn(RET, ALLOW), insn(RET, EPERM)]
+
+    # Calls allowed or denied by their arguments. Each body ends in RET, so a call that is not this rule's
+    # skips the body with its number still loaded. Arguments that the kernel reads as int are checked on
+    # their low 32 bits, which is all the kernel uses.
+    rules = {
+        _SYS_clone3: [insn(RET, ENOSYS)],                                    # glibc then falls back to clone
+        _SYS_clone: [insn(LD, arg(0)), insn(JSET, CLONE_THREAD, 0, 1), insn(RET, ALLOW), insn(RET, EPERM)],
+        _SYS_prlimit64: allow_only_if([(arg(2), 0), (arg(2, high=True), 0)]),  # reading limits only
+        # SIGIO: a file owner set to another process gets signalled when the file becomes ready
+        _SYS_fcntl: deny_if(arg(1), [F_SETOWN, F_SETSIG, F_SETOWN_EX]),
+        _SYS_ioctl: deny_if(arg(1), [FIOSETOWN, SIOCSPGRP]),
+        # the scheduling of the caller itself only (pid 0): not the trainer's, not the next task's
+        _SYS_setpriority: allow_only_if([(arg(0), PRIO_PROCESS), (arg(1), 0)]),
+        _SYS_ioprio_set: allow_only_if([(arg(0), IOPRIO_WHO_PROCESS), (arg(1), 0)]),
+        **{nr: allow_only_if([(arg(0), 0)]) for nr in (_SYS_sched_setparam, _SYS_sched_setscheduler,
+                                                       _SYS_sched_setaffinity, _SYS_sched_setattr)},
+    }
     prog = [insn(LD, 4), insn(JEQ, 0xC000003E, 1, 0), insn(RET, KILL),   # arch must be x86-64
             insn(LD, 0), insn(JGE, 0x40000000, 0, 1), insn(RET, EPERM)]  # no x32 syscalls
-    prog += [insn(JEQ, _SYS_clone3, 0, 1), insn(RET, ENOSYS)]            # glibc then falls back to clone
-    prog += [insn(JEQ, _SYS_clone, 0, 4), insn(LD, 16), insn(JSET, CLONE_THREAD, 0, 1), insn(RET, ALLOW),
-             insn(RET, EPERM)]
-    prog += [insn(JEQ, _SYS_prlimit64, 0, 7), insn(LD, 32), insn(JEQ, 0, 0, 3), insn(LD, 36),
-             insn(JEQ, 0, 0, 1), insn(RET, ALLOW), insn(RET, EPERM), insn(LD, 0)]
+    for nr, body in rules.items():
+        prog += [insn(JEQ, nr, 0, len(body))] + body
     for nr in _DENIED.values():
         prog += [insn(JEQ, nr, 0, 1), insn(RET, EPERM)]
     return b"".join(prog + [insn(RET, ALLOW)])
@@ -334,7 +391,7 @@ _FRAME_CAP = 64 << 10
 _PREIMPORTS = ("collections", "collections.abc", "itertools", "functools", "math", "cmath", "heapq",
                "bisect", "re", "string", "typing", "dataclasses", "copy", "operator", "statistics",
                "fractions", "decimal", "json", "random", "enum", "abc", "array", "numbers", "textwrap",
-               "unicodedata", "struct", "types", "contextlib", "itertools", "time", "datetime")
+               "unicodedata", "struct", "types", "contextlib", "time", "datetime")
 
 
 def _frame(obj) -> bytes:
@@ -365,7 +422,7 @@ def _checked(buf: bytes, max_output_chars: int) -> dict:
     bad = {"status": "crash", "value": None, "error": "Crash: malformed result frame"}
     try:
         frame = json.loads(buf[4:])
-    except ValueError:
+    except (ValueError, RecursionError):  # `[[[[...` nested past the recursion limit is RecursionError
         return bad
     if (not isinstance(frame, dict) or set(frame) != {"status", "value", "error"}
             or frame["status"] not in STATUSES
@@ -429,11 +486,13 @@ class _Zygote:
         root = os.geteuid() == 0
         if "netns" in wanted:
             try:
-                if root:
-                    _check(_libc.unshare(CLONE_NEWNET), "unshare(CLONE_NEWNET)")
-                else:
-                    uid, gid = os.geteuid(), os.getegid()
-                    _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNET), "unshare(CLONE_NEWUSER|CLONE_NEWNET)")
+                uid, gid = os.geteuid(), os.getegid()  # before a new user namespace hides them
+                new = CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET
+                # A private IPC namespace too, where the kernel allows it: SysV IPC and POSIX message
+                # queues made by tasks then never reach the host's (seccomp also denies making them).
+                if _libc.unshare(new | CLONE_NEWIPC) < 0:
+                    _check(_libc.unshare(new), f"unshare({new:#x})")
+                if not root:
                     for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
                                        ("gid_map", f"{gid} {gid} 1")):
                         with open(f"/proc/self/{name}", "w") as fh:
@@ -474,9 +533,10 @@ class _Zygote:
                 self.skipped[name] = f"probe task failed with it: {r['error'] or r['status']}"
         if "nocaps" in self.layers and "uid" in self.layers:
             self.layers.remove("nocaps")  # a non-zero uid holds no capabilities anyway
-        # Landlock keeps a task out of other task dirs and (with ptrace) other domains' processes; signals
-        # need seccomp or Landlock's signal scoping. Without these a task could reach a sibling.
-        self.isolated = "landlock" in self.layers and ("seccomp" in self.layers or self.landlock_abi >= 6)
+        # Landlock keeps a task out of other task dirs and (with ptrace) other domains' processes. Signals
+        # take both: Landlock's signal scoping (ABI >= 6, SIGIO included) does not cover renicing or pinning
+        # another process, and seccomp's denylist may miss a way to signal that the kernel scope covers.
+        self.isolated = "landlock" in self.layers and self.landlock_abi >= 6 and "seccomp" in self.layers
 
     # -- the child: forked before its job arrives, it confines itself, then waits for the job --
     def child(self, job_r, w, task_dir, as_limit):
@@ -619,10 +679,7 @@ class _Zygote:
         os.close(task.pidfd)
         os.close(task.result_r)
         _sweep(self.pid, keep=spare.pid if spare else None)
-        try:
-            os.rmdir(task.task_dir)  # most tasks write no files
-        except OSError:
-            shutil.rmtree(task.task_dir, onerror=_force_remove)
+        _remove_tree(task.task_dir)
         return status
 
     def supervise(self, task):
@@ -732,9 +789,25 @@ def _complete(buf: bytes) -> bool:
     return len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]
 
 
-def _force_remove(func, path, exc_info):
-    os.chmod(os.path.dirname(path), 0o700)  # a task may have chmod-ed its own directories to 000
-    func(path)
+def _remove_tree(path: str):
+    """Remove a task dir, also when the task chmod-ed its subdirs to 000. Never raises: a leftover file
+    must not kill the zygote. Runs once the task's processes are dead, so nothing changes underfoot, and
+    it never follows a symlink (chmod would follow it out of the dir)."""
+    try:
+        os.rmdir(path)  # most tasks write no files
+        return
+    except OSError:
+        pass
+    dirs = [path]
+    while dirs:  # a loop, not recursion: a task may nest directories thousands deep
+        d = dirs.pop()
+        try:
+            os.chmod(d, 0o700)
+            with os.scandir(d) as entries:
+                dirs += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _sweep(zygote_pid: int, keep: int | None = None):
@@ -790,6 +863,11 @@ def _zygote_main(cfg_json: str):
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     zygote = _Zygote(cfg)
     zygote.detect_layers()
+    missing = [name for name in cfg["required"] if name not in zygote.layers]
+    if missing:  # the executor's first zygote had them: never run tasks with fewer layers than it did
+        why = "; ".join(f"{name}: {zygote.skipped.get(name, 'not requested')}" for name in missing)
+        _write_all(1, _frame({"refused": f"required layers unavailable ({why})"}))
+        return
     gc.collect()
     gc.freeze()  # keep pre-imported objects' pages shared between forks
     _write_all(1, _frame({"layers": zygote.layers, "skipped": zygote.skipped}))
@@ -809,6 +887,7 @@ class _ZygoteProcess:
     def __init__(self, index, hashseed, cfg):
         self.index, self.hashseed, self.cfg = index, hashseed, cfg
         self.proc, self.base_dir, self.hello = None, None, None
+        self.starts = 0
 
     def start(self):
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # tmpfs: ~20 us per task dir, not ~10 ms
@@ -820,15 +899,23 @@ class _ZygoteProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-s", "-S", "-P", os.path.abspath(__file__), "--zygote", json.dumps(cfg)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=self.base_dir, start_new_session=True, close_fds=True)
+        self.starts += 1
         try:
             self.hello = _read_frame(self.proc.stdout.fileno(), time.monotonic() + 60, _FRAME_CAP)
         except (OSError, EOFError, ValueError) as e:
             self.stop()
             raise RuntimeError(f"executor zygote failed to start ({e}); run `{sys.executable} -s -S -P "
                                f"{os.path.abspath(__file__)} --zygote '{{...}}'` by hand to see why") from None
+        if "refused" in self.hello:
+            self.stop()
+            log.warning("executor: zygote %d refused to start: %s", self.index, self.hello["refused"])
+            raise RuntimeError(f"executor zygote refused to start: {self.hello['refused']}")
 
     def call(self, program, inputs) -> Result:
         if self.proc is None or self.proc.poll() is not None:
+            if self.starts:
+                log.warning("executor: zygote %d restarting (its last one exited with %s)", self.index,
+                            None if self.proc is None else self.proc.returncode)
             self.stop()
             self.start()
         try:
@@ -851,7 +938,7 @@ class _ZygoteProcess:
                 self.proc.wait()
             self.proc = None
         if self.base_dir is not None:
-            shutil.rmtree(self.base_dir, ignore_errors=True)
+            _remove_tree(self.base_dir)
             self.base_dir = None
 
 
@@ -860,7 +947,13 @@ class _Slot:
         self.canonical = _ZygoteProcess(2 * index, 0, cfg)
         self.probe = _ZygoteProcess(2 * index + 1, 1, cfg)  # started on first determinism check
 
-    def run(self, program, inputs, check_determinism):
+    def run(self, program, inputs, check_determinism) -> Result:
+        try:
+            return self.checked_run(program, inputs, check_determinism)
+        except Exception as e:  # e.g. a zygote that cannot restart: this task only
+            return Result("internal", None, f"Internal: {type(e).__name__}: {e}")
+
+    def checked_run(self, program, inputs, check_determinism) -> Result:
         first = self.canonical.call(program, inputs)
         if not check_determinism or first.status != "ok":
             return first
@@ -885,12 +978,16 @@ class Executor:
         if unknown:
             raise ValueError(f"unknown executor layers {sorted(unknown)}; choose from {LAYERS}")
         cfg = {"timeout": float(timeout), "memory_mb": int(memory_mb),
-               "max_output_chars": int(max_output_chars), "layers": list(layers)}
+               "max_output_chars": int(max_output_chars), "layers": list(layers), "required": []}
         self.slots = [_Slot(i, cfg) for i in range(workers)]
         self._free = queue.Queue()
         try:
-            for slot in self.slots:
+            for i, slot in enumerate(self.slots):
                 slot.canonical.start()
+                if i == 0:  # its layers are required of every later zygote (other workers, determinism
+                    # zygotes, restarts: all share cfg), which refuses to start with fewer, e.g. when
+                    # /dev/shm is full and every probe fails
+                    cfg["required"] = slot.canonical.hello["layers"]
                 self._free.put(slot)
         except BaseException:
             self.close()
@@ -926,10 +1023,7 @@ class Executor:
                         i = next(pending, None)
                     if i is None:
                         return
-                    try:
-                        results[i] = slot.run(*jobs[i], check_determinism)
-                    except Exception as e:  # e.g. a zygote that cannot restart: this task only
-                        results[i] = Result("internal", None, f"Internal: {type(e).__name__}: {e}")
+                    results[i] = slot.run(*jobs[i], check_determinism)
             finally:
                 self._free.put(slot)
 

@@ -69,6 +69,26 @@ def test_exec_parse_value_rejects(text):
     assert "\n" not in str(info.value)  # one-line reason
 
 
+@pytest.mark.parametrize("text", [
+    "[[[[0]*1000]*1000]*1000]*1000", "[[0]*10**4]*10**4", "dict(a=[[0]*1000]*1000)", "(('x'*1000,)*1000,)*1000",
+    "[('ab'*500, 1)*500]*1000", "set([(0,)*1000]*1000)", "frozenset({((0,)*1000,)*1000})", "['x'*1000]*1001",
+    "[[0]*999]*999 + [[0]*999]*999", "{1: [[0]*1000]*1000}", "tuple([[0]*1000])*1000",
+])
+def test_exec_parse_value_counts_repeated_references(text):
+    """Repetition copies references: `[[0]*1000]*1000` holds a million cells that walking it (values_equal,
+    hashing) visits, though it allocates two thousand. Such values must fail fast, not hang the trainer."""
+    with pytest.raises(ValueError, match="over 1000000 elements"):
+        parse_value(text)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[[0] * 3] * 2", [[0, 0, 0], [0, 0, 0]]), ("[(1, 'ab')] * 3", [(1, "ab")] * 3),
+    ("dict(a=[[0] * 10] * 10)", {"a": [[0] * 10 for _ in range(10)]}), ("('x' * 100,) * 100", ("x" * 100,) * 100),
+])
+def test_exec_parse_value_accepts_small_repetition(text, expected):
+    assert values_equal(parse_value(text), expected)
+
+
 def test_exec_parse_args():
     assert parse_args("1, [2], k=3") == ((1, [2]), {"k": 3})
     assert parse_args("'John', {'age': 20}") == (("John", {"age": 20}), {})
@@ -288,6 +308,59 @@ _EXEC_CASES = [
     ("nan_return", None, {"error"}, "OutputNotAValue", "def f(x):\n    return float('nan')", "0"),
     ("no_f", None, {"error"}, "NameError", "def g(x):\n    return x", "0"),
     ("syntax_error", None, {"error"}, "SyntaxError", "def f(x) return x", "0"),
+    ("forged_deep_frame", None, {"crash"}, "malformed", _p("""
+        import os, struct
+        def f(x):
+            body = b'[' * 60000  # past the trainer's JSON recursion limit
+            for fd in range(3, 64):
+                try:
+                    os.write(fd, struct.pack('>I', len(body)) + body)
+                except OSError:
+                    pass
+            while True:
+                pass"""), "0"),
+    # SIGIO: an fd's owner gets a signal (here SIGKILL) when the fd is ready; renicing and pinning others
+    ("signal_or_renice_others", ("seccomp",), {"ok"}, "=[]", _p("""
+        import fcntl, os, struct, ctypes
+        def f(pid):
+            done = []
+            r, w = os.pipe()
+            fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)
+            attempts = [
+                ("F_SETSIG", lambda: fcntl.fcntl(r, 10, 9)),
+                ("F_SETOWN", lambda: fcntl.fcntl(r, fcntl.F_SETOWN, pid)),
+                ("F_SETOWN_EX", lambda: fcntl.fcntl(r, 15, struct.pack('ii', 1, pid))),
+                ("FIOSETOWN", lambda: fcntl.ioctl(r, 0x8901, struct.pack('i', pid))),
+                ("setpriority", lambda: os.setpriority(os.PRIO_PROCESS, pid, 19)),
+                ("sched_setaffinity", lambda: os.sched_setaffinity(pid, {0})),
+                ("sched_setscheduler", lambda: os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))),
+                ("sched_setparam", lambda: os.sched_setparam(pid, os.sched_param(0))),
+            ]
+            for name, attempt in attempts:
+                try:
+                    attempt()
+                    done.append(name)
+                except OSError:
+                    pass
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.syscall(251, 1, pid, 7) == 0:  # ioprio_set(IOPRIO_WHO_PROCESS, pid, ...)
+                done.append("ioprio_set")
+            os.write(w, b'x')  # fires SIGIO at the owner, if one was set
+            return done"""), "{sibling_pid}"),
+    ("own_scheduling", None, {"ok"}, "=[5, 1]", _p("""
+        import os
+        def f(x):
+            os.setpriority(os.PRIO_PROCESS, 0, 5)
+            os.sched_setaffinity(0, os.sched_getaffinity(0))
+            return [os.getpriority(os.PRIO_PROCESS, 0), x]"""), "1"),
+    # SysV IPC and POSIX message queues outlive the task and would link it to its determinism re-run
+    ("sysv_ipc_and_mqueue", ("seccomp",), {"ok"}, "=[-1, -1, -1, -1]", _p("""
+        import ctypes
+        def f(x):
+            libc = ctypes.CDLL(None)
+            libc.mq_open.restype = ctypes.c_int
+            return [libc.shmget(0, 4096, 0o1600), libc.semget(0, 1, 0o1600), libc.msgget(0, 0o1600),
+                    libc.mq_open(b'/azr-exec-test', 0o102, 0o600, None)]"""), "0"),
     ("code_as_input", None, {"error"}, "InvalidInput", "def f(x):\n    return x", "__import__('os').system('touch /azr-exec-pwned')"),
 ]
 
@@ -343,6 +416,63 @@ def test_exec_task_cannot_reach_the_next_tasks_child(ex, world):
     assert all(r == Result("ok", "'refused'", None) for r in results), results
     assert after == Result("ok", "[]", None)
     _exec_assert_contained(ex, world, zygote_pids)
+
+
+def test_exec_zygote_has_private_ipc_namespace(ex):
+    """With netns, the zygote also gets its own IPC namespace: no task's SysV IPC reaches the host's."""
+    if "netns" not in ex.layers:
+        pytest.skip(f"netns layer unavailable: {ex.skipped.get('netns')}")
+    flags = ["--ipc", "--net"] + ([] if os.geteuid() == 0 else ["--user"])
+    if not shutil.which("unshare") or subprocess.run(["unshare", *flags, "true"], capture_output=True).returncode:
+        pytest.skip("this kernel or machine refuses a new IPC namespace")
+    own = os.readlink("/proc/self/ns/ipc")
+    assert all(os.readlink(f"/proc/{z.proc.pid}/ns/ipc") != own for z in _exec_zygotes(ex))
+
+
+def test_exec_chmod_000_dirs_are_removed(ex, world):
+    """A task that locks its own subdirs (and links out of its dir) must not break the next task; cleanup
+    never follows the link."""
+    lock = _p("""
+        import os
+        def f(d):
+            os.makedirs('a/b')
+            open('a/b/big', 'wb').write(bytes(1 << 20))
+            os.symlink(d, 'a/b/out')
+            os.chmod('a/b', 0)
+            os.chmod('a', 0)
+            return 1""")
+    zygote_pids = [z.proc.pid for z in _exec_zygotes(ex)]
+    mode = os.stat(world["canary"]).st_mode
+    assert ex.run(lock, repr(world["canary"])) == Result("ok", "1", None)
+    assert ex.run("def f(x):\n    return x", "7") == Result("ok", "7", None)
+    assert os.stat(world["canary"]).st_mode == mode
+    _exec_assert_contained(ex, world, zygote_pids)
+
+
+def test_exec_later_zygotes_keep_the_first_zygotes_layers(caplog):
+    """A restarted or determinism zygote that cannot enable a layer the first zygote had refuses to start
+    (its tasks are `internal`, with a warning) rather than run tasks with fewer layers; restarts are logged."""
+    with Executor(workers=1, timeout=2.0) as executor:
+        if not executor.layers:
+            pytest.skip("no layer available: nothing to lose")
+        dropped = executor.layers[-1]
+        probe = executor.slots[0].probe  # make its layer unavailable to it, as a full /dev/shm would
+        probe.cfg = dict(probe.cfg, layers=[name for name in probe.cfg["layers"] if name != dropped])
+        with caplog.at_level(logging.WARNING, logger="azr.executor"):
+            r = executor.run_batch([("def f(x):\n    return x", "1")], check_determinism=True)[0]
+            assert r.status == "internal" and dropped in r.error, r
+            assert f"refused to start: required layers unavailable ({dropped}" in caplog.text
+            canonical = executor.slots[0].canonical
+            canonical.proc.kill()
+            canonical.proc.wait()
+            assert executor.run("def f(x):\n    return x", "2") == Result("ok", "2", None)
+            assert "zygote 0 restarting" in caplog.text
+            assert canonical.hello["layers"] == list(executor.layers)
+            canonical.cfg = dict(canonical.cfg, layers=[])  # `run` too answers `internal`, never raises
+            canonical.proc.kill()
+            canonical.proc.wait()
+            r = executor.run("def f(x):\n    return x", "3")
+            assert r.status == "internal" and "refused" in r.error, r
 
 
 def test_exec_kwargs_and_batch_order(ex):
@@ -442,10 +572,8 @@ def _exec_world_readable(path: Path) -> bool:
     return all(p.stat().st_mode & 0o005 == 0o005 for p in path.parents) and path.stat().st_mode & 0o004
 
 
-@pytest.mark.parametrize("as_user", ["root_uid_drop", "ordinary_user"])
-def test_exec_other_users(world, as_user):
-    """As root with a world-readable stdlib, children drop to a per-worker uid; as an ordinary user,
-    the executor works with the layers that need no privilege."""
+def _exec_other_python() -> Path:
+    """A Python >= 3.11 whose stdlib any uid can read, or skip."""
     python = Path(sys.executable).resolve()
     stdlib = Path(os.__file__).resolve()
     if not _exec_world_readable(stdlib) or not _exec_world_readable(python):
@@ -455,6 +583,14 @@ def test_exec_other_users(world, as_user):
             pytest.skip(f"no Python with a world-readable stdlib here ({stdlib} is not)")
     if subprocess.run([str(python), "-c", "import sys; assert sys.version_info >= (3, 11)"]).returncode:
         pytest.skip(f"{python} is older than 3.11")
+    return python
+
+
+@pytest.mark.parametrize("as_user", ["root_uid_drop", "ordinary_user"])
+def test_exec_other_users(world, as_user):
+    """As root with a world-readable stdlib, children drop to a per-worker uid; as an ordinary user,
+    the executor works with the layers that need no privilege."""
+    python = _exec_other_python()
     if os.geteuid() != 0:
         pytest.skip("needs root to test a uid drop or to become an ordinary user")
     executor_py = next(p for p in Path(__file__).resolve().parents if (p / "executor.py").is_file()) / "executor.py"
@@ -477,6 +613,36 @@ def test_exec_other_users(world, as_user):
     assert s1 == "error" and "PermissionError" in e1  # canary dir is root's 0700: no layer needed
     assert s2 == "error" or "seccomp" not in report["layers"]
     assert sorted(os.listdir(world["canary"])) == ["keep.txt"]
+
+
+_EXEC_LOCKED_DIR = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from executor import Executor
+lock = "import os\\ndef f(x):\\n    os.mkdir('a')\\n    open('a/big', 'wb').write(bytes(1 << 20))\\n    os.chmod('a', 0)"
+with Executor(workers=1, timeout=2.0) as ex:
+    base = ex.slots[0].canonical.base_dir
+    rs = [ex.run(lock, "0"), ex.run("def f(x):\\n    return x", "7")]
+print(json.dumps({"results": rs, "left": os.path.exists(base)}))
+"""
+
+
+def test_exec_locked_dir_as_ordinary_user():
+    """Without root's DAC override, a task dir with a chmod-000 subdir must still be removed, without
+    losing the zygote, and nothing may be left in /dev/shm after close()."""
+    python = _exec_other_python()
+    executor_py = next(p for p in Path(__file__).resolve().parents if (p / "executor.py").is_file()) / "executor.py"
+    cmd = [str(python), "-c", _EXEC_LOCKED_DIR, str(executor_py.parent)]
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv") or not _exec_world_readable(executor_py):
+            pytest.skip("needs setpriv and a world-readable executor.py to run as an ordinary user")
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] + cmd
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd="/")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["results"][0] == ["ok", "None", None], report
+    assert report["results"][1] == ["ok", "7", None], report
+    assert not report["left"], "the executor's /dev/shm dir outlived close()"
 
 
 # ------------------------------------------------------------------------------------------ real programs
