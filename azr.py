@@ -673,10 +673,10 @@ class Policy:
         self.tokenizer, self.cfg, self.rank, self.size = tokenizer, cfg, *world
         self.stop_ids = sorted({i for i in [tokenizer.eos_token_id, tokenizer.pad_token_id] if i is not None})
         self.trainable = TokenLogprobs(model, len(tokenizer))
+        device = next(model.parameters()).device
         if self.size > 1:
             shard_model(self.trainable, model)
         self.sampler = model
-        device = torch.device(cfg.device if cfg.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
         if device.type == "cuda" or self.size > 1:
             self.sampler = empty_model(model.config, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
             self.sampler.requires_grad_(False)

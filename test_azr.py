@@ -1264,7 +1264,8 @@ def test_cruxeval_gold_answers_grade_correct(azr_executor):
     items = [(kind, dict(program=r["code"], input=r["input"], output=r["output"]),
               f"```{'output' if kind == 'deduction' else 'input'}\n{r['output' if kind == 'deduction' else 'input']}\n```")
              for kind in ("deduction", "abduction") for r in rows]
-    with Executor(workers=2, timeout=10.0, max_output_chars=10**6) as ex:
+    cfg = azr.Config()  # the executor settings `azr.py eval` uses
+    with Executor(workers=2, timeout=cfg.exec_timeout, max_output_chars=cfg.max_output_chars) as ex:
         verdicts = azr.grade_answers(ex, items)
     failed = [(k, t["input"]) for (k, t, _), v in zip(items, verdicts) if not v]
     # The only exceptions: abduction items whose gold input is code, not a value (`range(100, 120)`, a lambda,
