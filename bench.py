@@ -23,7 +23,9 @@ import torch
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
-DATA = next((p / "shared" / "data" for p in REPO.parents if (p / "shared" / "data").is_dir()), REPO / "data")
+# upstream's full seed file beside the checkout where there is one, else the sample that travels in data/
+SEED_FILE = next((p / "shared" / "data" / "3b_coder_seed_io.jsonl" for p in REPO.parents
+                  if (p / "shared" / "data" / "3b_coder_seed_io.jsonl").is_file()), REPO / "data" / "sample_seed_io.jsonl")
 
 import kernels  # noqa: E402
 import model as M  # noqa: E402
@@ -155,7 +157,7 @@ def bench_executor(argv: list[str]) -> str:
     ap.add_argument("--rounds", type=int, default=3, help="rounds; the table shows the median of each cell")
     args = ap.parse_args(argv)
     jobs = []
-    for line in (DATA / "3b_coder_seed_io.jsonl").read_text().splitlines():
+    for line in SEED_FILE.read_text().splitlines():
         d = json.loads(line)
         try:
             parse_args(d["input"])
@@ -185,7 +187,7 @@ def bench_executor(argv: list[str]) -> str:
                   f"target <= 3x)\n")
     md = (f"### Executor ({datetime.date.today()}, {os.cpu_count()}-core {platform.machine()} "
           f"{platform.system()} {platform.release()}, Python {platform.python_version()}, layers: {layers})\n\n"
-          f"{len(jobs)} seed programs from 3b_coder_seed_io.jsonl (inputs that parse); per round {args.repeat} "
+          f"{len(jobs)} seed programs from {SEED_FILE.name} (inputs that parse); per round {args.repeat} "
           f"passes for the executor and the floor, 1 for `python -I -S -c`; median of {args.rounds} rounds. "
           f"`ok`: the repr matches the stored output (first round). 1-minute load average before and after "
           f"each round: {', '.join(f'{x:.2f}' for x in loads)}.\n\n{table}\n{lines}")
@@ -483,7 +485,7 @@ def bench_step(argv):
     cfg = azr.Config(model="tiny", device="cuda" if cuda else "cpu", steps=args.steps,
                      batch_size=args.batch_size or (64 if cuda else 4), n_learnability=8 if cuda else 2,
                      max_response_tokens=args.max_response_tokens or (1024 if cuda else 32),
-                     max_prompt_tokens=4096, seed_file=str(DATA / "3b_coder_seed_io.jsonl"), save_every=0)
+                     max_prompt_tokens=4096, seed_file=str(SEED_FILE), save_every=0)
     if cuda:
         shape = M.ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                             num_kv_heads=2, head_dim=64, rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True,
