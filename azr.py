@@ -8,7 +8,7 @@ answers. Both roles are trained together with Task-Relative REINFORCE++. The con
 Reading guide (paper -> code, top to bottom):
   prompts, Fig. 4 / App. C ........ R1_TEMPLATE, propose_deduction, propose_abduction, propose_induction,
                                      solve_deduction, solve_abduction, solve_induction
-  format reward, Eq. 6 ............. extract_answer, format_ok
+  format reward, Eq. 6 ............. extract_answer, format_ok, solver_format_ok
   task validation, Sec. 3.3.3 ...... check_program, parse_proposal, parse_induction_proposal, validate_proposals
   answer checking, Sec. 3.3.4 ...... grade_answers
   rewards, Eq. 4-6 ................. learnability_reward, proposer_reward, solver_reward
@@ -56,42 +56,43 @@ KINDS = ("deduction", "abduction", "induction")
 class Config:
     model: str = field(default="Qwen2.5-Coder-3B", metadata=dict(help="'tiny', a local HF directory, a hub id or a short name (Qwen2.5-3B, ...)"))
     out_dir: str = field(default="runs/azr", metadata=dict(help="run directory: metrics.jsonl, samples, checkpoints"))
-    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata=dict(help="cuda or cpu"))
-    steps: int = field(default=500, metadata=dict(help="self-play steps (paper: 500)"))
-    batch_size: int = field(default=64, metadata=dict(help="prompts per task-role batch (6 batches per step)"))
+    device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata=dict(help="cuda or cpu", choices=("cuda", "cpu")))
+    steps: int = field(default=500, metadata=dict(help="self-play steps (paper: 500)", min=1))
+    batch_size: int = field(default=64, metadata=dict(help="prompts per task-role batch (6 batches per step)", min=1))
     tasks: str = field(default="deduction,abduction,induction", metadata=dict(help="task kinds to play (ablation: e.g. 'deduction')"))
     train_proposer: bool = field(default=True, metadata=dict(help="train on proposer responses (ablation: solver only)"))
-    n_learnability: int = field(default=8, metadata=dict(help="N solver samples that estimate a proposal's solve rate (Eq. 4)"))
-    k_references: int = field(default=6, metadata=dict(help="K reference snippets shown to the deduction/abduction proposer"))
-    n_induction_inputs: int = field(default=10, metadata=dict(help="inputs per induction proposal (half shown, half hidden)"))
-    temperature: float = field(default=1.0, metadata=dict(help="sampling temperature for training rollouts"))
-    top_p: float = field(default=1.0, metadata=dict(help="nucleus sampling for training rollouts"))
-    max_prompt_tokens: int = field(default=6144, metadata=dict(help="longer prompts drop references or are skipped"))
-    max_response_tokens: int = field(default=8096, metadata=dict(help="generation limit per response"))
-    lr: float = field(default=1e-6, metadata=dict(help="AdamW learning rate (constant)"))
-    weight_decay: float = field(default=0.01, metadata=dict(help="AdamW weight decay"))
-    grad_clip: float = field(default=1.0, metadata=dict(help="global gradient-norm clip"))
-    clip_ratio: float = field(default=0.2, metadata=dict(help="PPO ratio clip"))
-    entropy_coef: float = field(default=0.001, metadata=dict(help="entropy bonus coefficient"))
+    n_learnability: int = field(default=8, metadata=dict(help="N solver samples that estimate a proposal's solve rate (Eq. 4)", min=1))
+    k_references: int = field(default=6, metadata=dict(help="K reference snippets shown to the deduction/abduction proposer", min=0))
+    n_induction_inputs: int = field(default=10, metadata=dict(help="inputs per induction proposal (half shown, half hidden)", min=2))
+    temperature: float = field(default=1.0, metadata=dict(help="sampling temperature for training rollouts", min=0))
+    top_p: float = field(default=1.0, metadata=dict(help="nucleus sampling for training rollouts", gt=0, max=1))
+    max_prompt_tokens: int = field(default=6144, metadata=dict(help="longer prompts drop references or are skipped", min=1))
+    max_response_tokens: int = field(default=8096, metadata=dict(help="generation limit per response", min=1))
+    lr: float = field(default=1e-6, metadata=dict(help="AdamW learning rate (constant)", gt=0))
+    weight_decay: float = field(default=0.01, metadata=dict(help="AdamW weight decay", min=0))
+    grad_clip: float = field(default=1.0, metadata=dict(help="global gradient-norm clip", gt=0))
+    clip_ratio: float = field(default=0.2, metadata=dict(help="PPO ratio clip", gt=0))
+    entropy_coef: float = field(default=0.001, metadata=dict(help="entropy bonus coefficient", min=0))
     trivial_proposal_reward: float = field(default=0.0, metadata=dict(help="proposer reward when the solve rate is 0 or 1 (paper 0, upstream -0.5)"))
-    micro_batch_tokens: int = field(default=16384, metadata=dict(help="padded tokens per training micro-batch"))
+    micro_batch_tokens: int = field(default=16384, metadata=dict(help="padded tokens per training micro-batch", min=1))
     grad_checkpoint: bool = field(default=True, metadata=dict(help="recompute decoder blocks in backward to save memory"))
-    exec_timeout: float = field(default=10.0, metadata=dict(help="executor wall-clock limit per program, seconds"))
-    exec_workers: int = field(default=os.cpu_count() or 1, metadata=dict(help="executor worker processes"))
-    max_output_chars: int = field(default=400, metadata=dict(help="proposals whose output repr is longer are invalid"))
-    buffer_cap: int = field(default=16384, metadata=dict(help="FIFO cap per task buffer"))
+    exec_timeout: float = field(default=10.0, metadata=dict(help="executor wall-clock limit per program, seconds", gt=0))
+    exec_workers: int = field(default=os.cpu_count() or 1, metadata=dict(help="executor worker processes", min=1))
+    max_output_chars: int = field(default=400, metadata=dict(help="proposals whose output repr is longer are invalid", min=1))
+    buffer_cap: int = field(default=16384, metadata=dict(help="FIFO cap per task buffer", min=1))
     seed_file: str = field(default="", metadata=dict(help="upstream *_seed_io.jsonl; its *_code_f_ twin is read too if present"))
-    seed_size: int = field(default=256, metadata=dict(help="seeding target per buffer pool when no --seed-file (0: zero triplet only)"))
-    seed_rounds: int = field(default=64, metadata=dict(help="give up seeding after this many proposal rounds"))
+    seed_size: int = field(default=256, metadata=dict(help="seeding target per buffer pool when no --seed-file (0: zero triplet only)", min=0))
+    seed_rounds: int = field(default=64, metadata=dict(help="give up seeding after this many proposal rounds", min=1))
     seed: int = field(default=0, metadata=dict(help="random seed (buffers, sampling)"))
-    save_every: int = field(default=10, metadata=dict(help="checkpoint every N steps (0: only at the end)"))
-    keep_checkpoints: int = field(default=3, metadata=dict(help="keep the newest N checkpoints (0: keep all; a 7B one is ~90 GB)"))
+    save_every: int = field(default=10, metadata=dict(help="checkpoint every N steps (0: only at the end)", min=0))
+    keep_checkpoints: int = field(default=3, metadata=dict(help="keep the newest N checkpoints (0: keep all; a 7B one is ~90 GB)", min=0))
     resume: str = field(default="", metadata=dict(help="checkpoint directory to resume from, or 'auto' for the latest in out_dir"))
-    eval_every: int = field(default=0, metadata=dict(help="CRUXEval-I/O every N steps (0: never)"))
+    eval_every: int = field(default=0, metadata=dict(help="CRUXEval-I/O every N steps (0: never)", min=0))
     eval_data: str = field(default="", metadata=dict(help="cruxeval.jsonl for --eval-every"))
-    eval_limit: int = field(default=0, metadata=dict(help="evaluate on the first N items only (0: all)"))
-    log_samples: int = field(default=2, metadata=dict(help="proposer and solver samples per task-role written to samples.txt each step"))
-    peak_tflops: float = field(default=0.0, metadata=dict(help="accelerator bf16 peak for MFU (0: guess from the device name)"))
+    eval_limit: int = field(default=0, metadata=dict(help="evaluate on the first N items only (0: all)", min=0))
+    log_samples: int = field(default=2, metadata=dict(help="proposer and solver samples per task-role written to samples.txt each step", min=0))
+    peak_tflops: float = field(default=0.0, metadata=dict(help="accelerator bf16 peak for MFU (0: guess from the device name)", min=0))
+    dist_timeout: float = field(default=120.0, metadata=dict(help="minutes a rank may wait in a collective under torchrun (rank 0 alone writes checkpoints and runs the executor)", gt=0))
 
     @property
     def kinds(self):
@@ -106,13 +107,41 @@ def parse_config(argv, prog="azr.py") -> Config:
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"],
+                                choices=f.metadata.get("choices"))
     cfg = Config(**vars(parser.parse_args(argv)))
+    check_ranges(cfg, parser.error)
     if not cfg.kinds or set(cfg.kinds) - set(KINDS):
         parser.error(f"--tasks must be a comma list of {', '.join(KINDS)}; got {cfg.tasks!r}")
     if cfg.eval_every and not Path(cfg.eval_data).is_file():
         parser.error(f"--eval-every needs --eval-data PATH to cruxeval.jsonl; got {cfg.eval_data!r}")
+    if cfg.seed_file and not Path(cfg.seed_file).is_file():
+        parser.error(f"--seed-file {cfg.seed_file} not found; pass a *_seed_io.jsonl file or omit the flag")
+    check_device(cfg.device, parser.error)
+    # malformed records end the run now, not after the model has loaded
+    if cfg.eval_every:
+        read_jsonl(cfg.eval_data, CRUXEVAL_FIELDS)
+    if cfg.seed_file:
+        read_jsonl(cfg.seed_file, SEED_FIELDS)
+        if seed_twin(cfg.seed_file):
+            read_jsonl(seed_twin(cfg.seed_file), SEED_F_FIELDS)
     return cfg
+
+
+def check_ranges(cfg, error):
+    """Every numeric flag against the bounds in its field's metadata (min: >=, gt: >, max: <=), before any work."""
+    for f in fields(cfg):
+        value, meta, flag = getattr(cfg, f.name), f.metadata, "--" + f.name.replace("_", "-")
+        for key, ok, words in (("min", lambda v, b: v >= b, "at least"), ("gt", lambda v, b: v > b, "above"),
+                               ("max", lambda v, b: v <= b, "at most")):
+            if key in meta and not ok(value, meta[key]):
+                error(f"{flag} must be {words} {meta[key]}, got {value}")
+
+
+def check_device(device, error):
+    if device == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+        error(f"--device cuda, but {why} (torch {torch.__version__}); use --device cpu")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,7 +162,8 @@ CODE_RULES = f"""- Define a function named `f` that takes at least one argument 
 - Put imports and helper classes at the top; helper functions may also be nested inside `f`.
 - It must be deterministic: no randomness, no date or time, no file or network access, no printing, no state
   outside the function.
-- Do not import any of: {', '.join(sorted(BANNED_MODULES))}; do not call {', '.join(sorted(BANNED_CALLS))}."""
+- Do not import any of: {', '.join(sorted(BANNED_MODULES))}; do not call {', '.join(sorted(BANNED_CALLS))}.
+- It must finish within {{timeout:g}} seconds."""
 
 INPUT_RULES = """- Write the input exactly as the arguments between the parentheses of a call `f(...)`: `'John', {'age': 20}`
   passes two arguments. Use literal values only (numbers, strings, lists, tuples, dicts, sets)."""
@@ -144,7 +174,6 @@ You are writing a puzzle for another reasoner. {goal}
 
 The program:
 {code_rules}
-- It must finish within {timeout:g} seconds.
 - Make it demand real reasoning: state that changes over several steps, loops, branches, several stages of logic.
 - Make it clearly different from every reference program below.
 
@@ -230,7 +259,7 @@ def fence(lang, text):
 def propose_io(kind, references, cfg):
     refs = "\n".join(f"<snippet_{k}>\n{fence('python', r['program'])}\n{fence('input', r['input'])}\n"
                      f"{fence('output', r['output'])}\n</snippet_{k}>" for k, r in enumerate(references))
-    return PROPOSE_IO.format(goal=PROPOSE_GOALS[kind], code_rules=CODE_RULES, timeout=cfg.exec_timeout,
+    return PROPOSE_IO.format(goal=PROPOSE_GOALS[kind], code_rules=CODE_RULES.format(timeout=cfg.exec_timeout),
                              input_rules=INPUT_RULES, references=refs)
 
 
@@ -249,19 +278,21 @@ def propose_induction(program, cfg):
 PROPOSE_PROMPT = dict(deduction=propose_deduction, abduction=propose_abduction, induction=propose_induction)
 
 
-def solve_deduction(task):
+def solve_deduction(task, cfg):
     return SOLVE_DEDUCTION.format(program=task["program"], input=task["input"])
 
 
-def solve_abduction(task):
+def solve_abduction(task, cfg):
     return SOLVE_ABDUCTION.format(program=task["program"], output=task["output"])
 
 
-def solve_induction(task):
+def solve_induction(task, cfg):
+    """The solver's program must meet the proposer's code rules (SPEC 2), time limit included."""
     half = len(task["inputs"]) // 2
     pairs = "\n".join(f"{fence(f'input_{k}', i)}\n{fence(f'output_{k}', o)}"
                       for k, (i, o) in enumerate(zip(task["inputs"][:half], task["outputs"][:half])))
-    return SOLVE_INDUCTION.format(code_rules=CODE_RULES, pairs=pairs, message=task["message"])
+    return SOLVE_INDUCTION.format(code_rules=CODE_RULES.format(timeout=cfg.exec_timeout), pairs=pairs,
+                                  message=task["message"])
 
 
 SOLVE_PROMPT = dict(deduction=solve_deduction, abduction=solve_abduction, induction=solve_induction)
@@ -278,12 +309,14 @@ def format_ok(response):
 
 
 def extract_answer(response):
-    """Text between the last <answer> and the next </answer>; None when there is none."""
+    """Text between the last <answer> and the next </answer>, or to the end when no </answer> follows (as
+    upstream: it matters where no format check follows, i.e. learnability grading and proposal parsing; the
+    rewards that need the format still apply format_ok). None when there is no <answer>."""
     start = response.rfind("<answer>")
     if start < 0:
         return None
     end = response.find("</answer>", start)
-    return response[start + len("<answer>"):end] if end >= 0 else None
+    return response[start + len("<answer>"):end if end >= 0 else None]
 
 
 BLOCK_RE = re.compile(r"```([\w-]*)[ \t]*\n(.*?)```", re.S)
@@ -319,12 +352,16 @@ def parse_program(code):
     return tree
 
 
-def check_solver_program(code):
-    """An induction answer: rule 2, and it must itself define a top-level `f` (it is run as written)."""
+def check_solver_program(code, task_program):
+    """An induction answer -> the program to run. The solver's code meets the proposer's rule 2, as its prompt
+    says (SPEC 2; upstream ran banned imports), and defines a top-level `f` itself; the task program's top-level
+    imports are put in front of it, as upstream does, so a solution may use `math` the way the hidden f did."""
     tree = parse_program(code)
     if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "f" for n in tree.body):
         raise Invalid("the program defines no top-level function f")
-    return code
+    imports = [ast.get_source_segment(task_program, n) for n in ast.parse(task_program).body
+               if isinstance(n, (ast.Import, ast.ImportFrom))]
+    return "".join(line + "\n" for line in imports) + code
 
 
 def check_program(code, strip=False):
@@ -431,7 +468,7 @@ def grade_answers(executor, kind_tasks_answers):
         else:
             blocks = fenced_blocks(answer, "python")
             try:
-                program = check_solver_program(blocks[-1]) if blocks else None
+                program = check_solver_program(blocks[-1], task["program"]) if blocks else None
             except Invalid:
                 program = None
             if program is None:
@@ -468,6 +505,12 @@ def solver_reward(formatted, correct):
     return -1.0 if not formatted else (1.0 if correct else -0.5)
 
 
+def solver_format_ok(kind, response):
+    """The format half of Eq. 6 for a solver answer: the R1 format, and for induction a python block inside the
+    answer (upstream: no parsable function is a format failure, -1, not a wrong answer)."""
+    return format_ok(response) and (kind != "induction" or bool(fenced_blocks(extract_answer(response), "python")))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Task-Relative REINFORCE++ and the loss (Eq. 8, SPEC 6).
 
@@ -481,7 +524,8 @@ def trr_advantages(rewards):
 
 def policy_loss(logp, logp_old, advantages, entropy, clip_ratio, entropy_coef):
     """Per-token PPO-clip surrogate minus the entropy bonus, summed; the caller divides by the step's token count
-    (global token-mean). With one update on fresh samples the ratio is 1 and the clip does not act."""
+    (global token-mean). With one update on fresh samples the ratio is 1 up to the rounding difference between
+    the sampler's and the trainer's forward, so the clip should rarely act: policy_update measures how often."""
     ratio = torch.exp(logp - logp_old)
     surrogate = torch.maximum(-advantages * ratio, -advantages * ratio.clamp(1 - clip_ratio, 1 + clip_ratio))
     return (surrogate - entropy_coef * entropy).sum()
@@ -511,6 +555,7 @@ class Rollout:
     text: str = ""
     reward: float = 0.0
     advantage: float = 0.0
+    finish_reason: str = "stop"  # "length" when the response hit --max-response-tokens
 
 
 def micro_batches(rollouts, max_tokens):
@@ -539,8 +584,8 @@ def policy_update(policy, optimizer, rollouts, cfg, world=(0, 1)):
     # the extra ones are a one-token dummy whose loss is multiplied by zero.
     n_batches = int(all_reduce(len(batches), size, op="max"))
     dummy = [Rollout("", [0], [0], [0.0])]
-    optimizer.zero_grad(set_to_none=True)
-    stats = dict(loss=0.0, entropy=0.0)
+    stats = dict(loss=0.0, entropy=0.0, clipped=0.0, abs_log_ratio=0.0)
+    max_log_ratio = 0.0
     for k in range(n_batches):
         batch = batches[k] if k < len(batches) else dummy
         width = max(len(r.prompt) + len(r.tokens) for r in batch)
@@ -559,11 +604,22 @@ def policy_update(policy, optimizer, rollouts, cfg, world=(0, 1)):
         loss = policy_loss(logp, old, adv, entropy, cfg.clip_ratio, cfg.entropy_coef) * scale
         loss.backward()
         stats["loss"] += loss.item() / size
-        stats["entropy"] += entropy.sum().item() if batch is not dummy else 0.0
+        if batch is not dummy:
+            # Training health: how far the trainer's logprobs are from the sampler's (bf16 copy on GPUs) and on
+            # how many tokens the PPO clip takes the gradient away (|ratio - 1| > clip).
+            log_ratio = logp.detach() - old
+            stats["entropy"] += entropy.sum().item()
+            stats["abs_log_ratio"] += log_ratio.abs().sum().item()
+            stats["clipped"] += ((log_ratio.exp() - 1).abs() > cfg.clip_ratio).sum().item()
+            max_log_ratio = max(max_log_ratio, log_ratio.abs().max().item())
     grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
     optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # gradients must not hold memory through the next rollouts
     stats = {k: all_reduce(v, size) for k, v in stats.items()}
-    stats["entropy"] /= max(n_tokens, 1)
+    for k in ("entropy", "clipped", "abs_log_ratio"):
+        stats[k] /= max(n_tokens, 1)
+    stats["clip_fraction"] = stats.pop("clipped")
+    stats["max_abs_log_ratio"] = all_reduce(max_log_ratio, size, op="max")
     stats["grad_norm"] = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     return stats
 
@@ -623,36 +679,57 @@ def zero_induction(executor, cfg):
                 message="Write a function that returns whatever you input")
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+SEED_FIELDS, SEED_F_FIELDS = ("snippet", "input"), ("snippet", "inputs", "message")
+CRUXEVAL_FIELDS = ("code", "input", "output", "id")
+
+
+def read_jsonl(path, required=()):
+    """JSON objects, one per line. A malformed record ends the run with one line naming the file and line."""
+    rows = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise SystemExit(f"error: {path} line {n} is not JSON ({str(e).splitlines()[0]}); one JSON object per line")
+        missing = [k for k in required if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise SystemExit(f"error: {path} line {n} lacks {', '.join(map(repr, missing))}; records need "
+                             f"{', '.join(required)}")
+        rows.append(row)
+    return rows
+
+
+def seed_twin(path):
+    """Upstream's induction seeds sit beside the deduction/abduction ones: x_seed_io.jsonl -> x_code_f_seed_io.jsonl."""
+    twin = Path(path).with_name(Path(path).name.replace("_seed_io", "_code_f_seed_io"))
+    return twin if twin.is_file() and twin != Path(path) else None
 
 
 def load_seed_file(path, executor, cfg, buffers):
     """Fill the buffers from upstream's released seed files. Outputs are recomputed by our executor: upstream
     stored some truncated or non-repr outputs (SPEC 10), and gold answers must come from execution."""
-    path = Path(path)
-    if not path.is_file():
-        raise SystemExit(f"error: --seed-file {path} not found; pass a *_seed_io.jsonl file or omit the flag")
     programs = []
-    for row in read_jsonl(path):
+    for row in read_jsonl(path, SEED_FIELDS):
         try:
             programs.append((check_program(row["snippet"]), row["input"]))
-        except (Invalid, KeyError):
+        except Invalid:  # e.g. upstream seeds that import os: our rule 2 refuses them
             continue
     for (program, i), outputs in zip(programs, validate_proposals(executor, [(p, [i]) for p, i in programs])):
         if outputs and len(outputs[0]) <= cfg.max_output_chars:
             task = dict(program=program, input=i, output=outputs[0])
             buffers["deduction"].add(task)
             buffers["abduction"].add(dict(task))
-    twin = path.with_name(path.name.replace("_seed_io", "_code_f_seed_io"))
-    if twin.is_file() and twin != path:
+    twin = seed_twin(path)
+    if twin:
         entries = []
-        for row in read_jsonl(twin):
+        for row in read_jsonl(twin, SEED_F_FIELDS):
             try:
                 inputs = row["inputs"][-cfg.n_induction_inputs:]
                 if len(inputs) == cfg.n_induction_inputs:
                     entries.append((check_program(row["snippet"]), inputs, row["message"]))
-            except (Invalid, KeyError):
+            except Invalid:
                 continue
         for (program, inputs, message), outputs in zip(entries, validate_proposals(executor, [(p, i) for p, i, _ in entries])):
             if outputs and max(map(len, outputs)) <= cfg.max_output_chars:
@@ -671,14 +748,16 @@ class Policy:
 
     def __init__(self, model, tokenizer, cfg, world):
         self.tokenizer, self.cfg, self.rank, self.size = tokenizer, cfg, *world
-        self.stop_ids = sorted({i for i in [tokenizer.eos_token_id, tokenizer.pad_token_id] if i is not None})
+        self.stop_ids = stop_token_ids(tokenizer, model.config)
         self.trainable = TokenLogprobs(model, len(tokenizer))
         device = next(model.parameters()).device
         if self.size > 1:
             shard_model(self.trainable, model)
+        dtype = model.embed_tokens.weight.dtype
+        sample_dtype = torch.bfloat16 if device.type == "cuda" else dtype
         self.sampler = model
-        if device.type == "cuda" or self.size > 1:
-            self.sampler = empty_model(model.config, device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if self.size > 1 or dtype != sample_dtype:  # shards, or fp32 master weights on a GPU
+            self.sampler = empty_model(model.config, device, sample_dtype)
             self.sampler.requires_grad_(False)
             self.refresh_sampler()
 
@@ -695,8 +774,9 @@ class Policy:
     def encode(self, text):
         return self.tokenizer(R1_TEMPLATE.format(text), add_special_tokens=False)["input_ids"]
 
-    def sample(self, prompts, n, seed, max_new_tokens=None, temperature=None):
-        """prompts: list of token lists -> list (len(prompts)*n) of (Sample, text), identical on every rank."""
+    def sample(self, prompts, n, seed, max_new_tokens=None, temperature=None, progress=None):
+        """prompts: list of token lists -> list (len(prompts)*n) of (Sample, text), identical on every rank.
+        progress: a bar on rank 0 (default: for 64 samples or more)."""
         cfg = self.cfg
         temperature = cfg.temperature if temperature is None else temperature
         mine = list(range(self.rank, len(prompts), self.size))
@@ -704,13 +784,21 @@ class Policy:
             self.sampler, [prompts[i] for i in mine], n=n, max_new_tokens=max_new_tokens or cfg.max_response_tokens,
             temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0, stop_token_ids=self.stop_ids,
             stop_strings=["</answer>"], tokenizer=self.tokenizer, seed=(cfg.seed * 1_000_003 + seed) * 64 + self.rank,
-            progress=self.rank == 0 and len(prompts) * n >= 64)
+            progress=self.rank == 0 and (len(prompts) * n >= 64 if progress is None else progress))
         out = [(i, j, s) for k, i in enumerate(mine) for j, s in enumerate(samples[k * n:(k + 1) * n])]
         if self.size > 1:
             parts = [None] * self.size
             dist.all_gather_object(parts, out)
             out = sorted((x for part in parts for x in part), key=lambda x: (x[0], x[1]))
         return [(s, self.tokenizer.decode(s.tokens, skip_special_tokens=True)) for _, _, s in out]
+
+
+def stop_token_ids(tokenizer, config):
+    """Generation ends at the tokenizer's eos and pad and at every id of the model config's eos_token_id (an int
+    or a list: Llama-3 instruct models end turns with <|eot_id|>, which is not the tokenizer's eos)."""
+    eos = config.eos_token_id
+    ids = [tokenizer.eos_token_id, tokenizer.pad_token_id, *(eos if isinstance(eos, (list, tuple)) else [eos])]
+    return sorted({i for i in ids if i is not None})
 
 
 def shard_model(trainable, model):
@@ -808,6 +896,25 @@ def build_proposer_prompts(kind, buffers, policy, cfg, rng):
     return prompts
 
 
+def build_solver_batch(kind, fresh, buffer, policy, cfg, rng):
+    """One solver batch (Algorithm 1): this step's valid tasks first, filled from the buffer to --batch-size.
+    A task whose prompt exceeds --max-prompt-tokens is replaced by another buffer draw (a few rounds at most).
+    Returns ([(kind, task, ids)], number of tasks dropped for length)."""
+    items, dropped = [], 0
+    candidates = fresh[:cfg.batch_size] + buffer.fill(rng, cfg.batch_size - len(fresh[:cfg.batch_size]))
+    for _ in range(4):
+        for task in candidates:
+            ids = policy.encode(SOLVE_PROMPT[kind](task, cfg))
+            if len(ids) <= cfg.max_prompt_tokens:
+                items.append((kind, task, ids))
+            else:
+                dropped += 1
+        if len(items) == cfg.batch_size:
+            break
+        candidates = buffer.fill(rng, cfg.batch_size - len(items))
+    return items, dropped
+
+
 def check_proposals(executor, kinds_texts, cfg, strip=False):
     """[(kind, response, meta)] -> [task dict or None]: parse each proposal and run rules 4-5 in one batch."""
     parsed, jobs = [], []
@@ -858,15 +965,18 @@ def azr_step(step, policy, optimizer, executor, buffers, cfg, rng, world=(0, 1),
             cfg), world)
 
     # 2. Learnability rollouts (Eq. 4; reward only, not trained on) for the valid, well-formatted proposals (a
-    #    broken format earns -1 whatever the solve rate), then the solver batch: this step's valid tasks first,
+    #    broken format earns -1 whatever the solve rate; a solver prompt too long for --max-prompt-tokens gets the
+    #    trivial reward, as upstream, and is counted), then the solver batch: this step's valid tasks first,
     #    filled from the buffer. Grading the learnability answers overlaps the solver generation.
     valid = [(n, kind, task) for n, ((kind, _, _), task) in enumerate(zip(proposer, tasks)) if task is not None]
-    learnable = [(n, kind, task, ids) for n, kind, task in valid if format_ok(proposals[n][1])
-                 for ids in [policy.encode(SOLVE_PROMPT[kind](task))] if fits(ids)]
-    solver_tasks = []
-    for kind in kinds:
-        fresh = [task for _, k, task in valid if k == kind][:cfg.batch_size]
-        solver_tasks += [(kind, t) for t in fresh + buffers[kind].fill(rng, cfg.batch_size - len(fresh))]
+    learnable, too_long = [], {kind: 0 for kind in kinds}
+    for n, kind, task in valid:
+        if format_ok(proposals[n][1]):
+            ids = policy.encode(SOLVE_PROMPT[kind](task, cfg))
+            if fits(ids):
+                learnable.append((n, kind, task, ids))
+            else:
+                too_long[kind] += 1
     with timer("generate"):
         learn_outs = policy.sample([ids for *_, ids in learnable], n=N, seed=step * 8 + SEED_LEARNABILITY) \
             if learnable else []
@@ -874,8 +984,12 @@ def azr_step(step, policy, optimizer, executor, buffers, cfg, rng, world=(0, 1),
                   for _, text in learn_outs[q * N:(q + 1) * N]]
     learn_grading = Background(grade_answers, executor, learn_jobs) if rank0 else None
     with timer("generate"):
-        solve_items = [(kind, task, ids) for kind, task in solver_tasks
-                       for ids in [policy.encode(SOLVE_PROMPT[kind](task))] if fits(ids)]
+        solve_items = []
+        for kind in kinds:
+            items, dropped = build_solver_batch(kind, [task for _, k, task in valid if k == kind], buffers[kind],
+                                                policy, cfg, rng)
+            solve_items += items
+            metrics[f"dropped/solver_prompt/{kind}"] = dropped
         solve_outs = policy.sample([ids for *_, ids in solve_items], n=1, seed=step * 8 + SEED_SOLVE) \
             if solve_items else []
     with timer("execute"):
@@ -888,18 +1002,24 @@ def azr_step(step, policy, optimizer, executor, buffers, cfg, rng, world=(0, 1),
     for n, ((kind, ids, _), (sample, text)) in enumerate(zip(proposer, proposals)):
         reward = proposer_reward(tasks[n] is not None, format_ok(text), solve_rate.get(n, 0.0),
                                  cfg.trivial_proposal_reward)
-        rollouts.append(Rollout(f"propose_{kind}", ids, sample.tokens, sample.logprobs, text, reward))
+        rollouts.append(Rollout(f"propose_{kind}", ids, sample.tokens, sample.logprobs, text, reward,
+                                finish_reason=sample.finish_reason))
         if tasks[n] is not None:
             buffers[kind].add(tasks[n])
     # Solver (Eq. 5-6).
     for (kind, _, ids), (sample, text), correct in zip(solve_items, solve_outs, verdicts):
         rollouts.append(Rollout(f"solve_{kind}", ids, sample.tokens, sample.logprobs, text,
-                                solver_reward(format_ok(text), correct)))
+                                solver_reward(solver_format_ok(kind, text), correct), finish_reason=sample.finish_reason))
     for kind in kinds:
         mine = [n for n, (k, _, _) in enumerate(proposer) if k == kind]
         metrics[f"valid_rate/{kind}"] = mean([tasks[n] is not None for n in mine])
         metrics[f"learnability_solve_rate/{kind}"] = mean([solve_rate[n] for n in mine if n in solve_rate])
         metrics[f"accuracy/solve_{kind}"] = mean([v for (k, _, _), v in zip(solve_items, verdicts) if k == kind])
+        metrics[f"dropped/proposer_prompt/{kind}"] = cfg.batch_size - len(mine)
+        metrics[f"dropped/learnability_prompt/{kind}"] = too_long[kind]
+        metrics[f"truncated/learnability_{kind}"] = mean([s.finish_reason == "length" for q, (_, k, _, _) in
+                                                          enumerate(learnable) if k == kind
+                                                          for s, _ in learn_outs[q * N:(q + 1) * N]])
 
     # 4. Task-Relative REINFORCE++: one baseline per task-role batch (Eq. 8), then one update on the step.
     for key in sorted({r.key for r in rollouts}):
@@ -908,6 +1028,7 @@ def azr_step(step, policy, optimizer, executor, buffers, cfg, rng, world=(0, 1),
             r.advantage = a
         metrics[f"reward/{key}"] = mean([r.reward for r in group])
         metrics[f"response_tokens/{key}"] = mean([len(r.tokens) for r in group])
+        metrics[f"truncated/{key}"] = mean([r.finish_reason == "length" for r in group])
     trained = [r for r in rollouts if cfg.train_proposer or r.key.startswith("solve_")]
     with timer("train"):
         metrics.update(policy_update(policy.trainable, optimizer, trained, cfg, world))
@@ -1042,17 +1163,18 @@ def restore_checkpoint(path, policy, optimizer, cfg, rng, world):
 
 def evaluate_cruxeval(policy, executor, path, limit=0, max_new_tokens=None, out_path=None, world=(0, 1)):
     """Greedy pass@1 on CRUXEval-O and CRUXEval-I with the training prompts, extraction and grading."""
-    rows = read_jsonl(path)
+    rows = read_jsonl(path, CRUXEVAL_FIELDS)
     rows = rows[:limit] if limit else rows
     items = [(kind, dict(program=r["code"], input=r["input"], output=r["output"]), r["id"])
              for kind in ("deduction", "abduction") for r in rows]
-    outs = policy.sample([policy.encode(SOLVE_PROMPT[kind](task)) for kind, task, _ in items], n=1, seed=0,
-                         max_new_tokens=max_new_tokens, temperature=0.0)
+    outs = policy.sample([policy.encode(SOLVE_PROMPT[kind](task, policy.cfg)) for kind, task, _ in items], n=1,
+                         seed=0, max_new_tokens=max_new_tokens, temperature=0.0, progress=True)
     answers = [extract_answer(text) for _, text in outs]
     verdicts = from_rank0(world[0] == 0 and grade_answers(executor, [(k, t, a) for (k, t, _), a in zip(items, answers)]),
                           world)
     scores = {f"cruxeval_{'o' if kind == 'deduction' else 'i'}": mean([v for (k, _, _), v in zip(items, verdicts)
                                                                        if k == kind]) for kind in ("deduction", "abduction")}
+    scores["cruxeval_items"] = len(rows)
     if out_path and world[0] == 0:
         with open(out_path, "w") as f:
             for (kind, _, id_), (_, text), answer, ok in zip(items, outs, answers, verdicts):
@@ -1069,21 +1191,32 @@ def eval_main(argv):
     p.add_argument("--max-new-tokens", type=int, default=8096, help="generation limit per answer")
     p.add_argument("--out", default="", help="per-item JSONL (default: cruxeval_answers.jsonl beside a checkpoint's "
                                              "model/ directory, else ./<model>_cruxeval_answers.jsonl)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
+    p.add_argument("--dtype", default="", choices=("", "bf16", "fp32"),
+                   help="weights and compute (default: bf16 on cuda, fp32 on cpu; bf16 is about twice as fast on "
+                        "CPUs with bf16 support)")
     p.add_argument("--exec-workers", type=int, default=os.cpu_count() or 1, help="executor worker processes")
     args = p.parse_args(argv)
+    for flag, value, least in (("--limit", args.limit, 0), ("--max-new-tokens", args.max_new_tokens, 1),
+                               ("--exec-workers", args.exec_workers, 1)):
+        if value < least:
+            p.error(f"{flag} must be at least {least}, got {value}")
+    check_device(args.device, p.error)
     if not Path(args.data).is_file():
-        raise SystemExit(f"error: --data {args.data} not found; get data/cruxeval.jsonl from "
-                         f"https://github.com/facebookresearch/cruxeval")
+        p.error(f"--data {args.data} not found; get data/cruxeval.jsonl from https://github.com/facebookresearch/cruxeval")
+    read_jsonl(args.data, CRUXEVAL_FIELDS)  # a malformed file fails here, before the model loads
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     cfg = Config(model=args.model, device=args.device, temperature=0.0, max_response_tokens=args.max_new_tokens,
                  exec_workers=args.exec_workers)
-    model, tokenizer = load_model(args.model, device=args.device)
+    model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
     policy = Policy(model, tokenizer, cfg, (0, 1))
     out = args.out or (Path(args.model).parent / "cruxeval_answers.jsonl" if Path(args.model).is_dir()
                        else f"{Path(args.model).name}_cruxeval_answers.jsonl")
     with Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout, max_output_chars=cfg.max_output_chars) as executor:
         scores = evaluate_cruxeval(policy, executor, args.data, args.limit, args.max_new_tokens, out)
-    print(f"CRUXEval-O pass@1 {scores['cruxeval_o']:.4f}  CRUXEval-I pass@1 {scores['cruxeval_i']:.4f}  ({out})")
+    n = scores["cruxeval_items"]
+    print(f"CRUXEval-O pass@1 {scores['cruxeval_o']:.4f} ({round(scores['cruxeval_o'] * n)}/{n})  "
+          f"CRUXEval-I pass@1 {scores['cruxeval_i']:.4f} ({round(scores['cruxeval_i'] * n)}/{n})  ({out})")
     return scores
 
 
@@ -1129,12 +1262,18 @@ def plot_main(argv):
 # Training entry point.
 
 def init_distributed(cfg):
+    """torchrun: one process per GPU. The device is set before init so NCCL binds to it; the timeout covers the
+    longest phase one rank runs alone (rank 0 writes checkpoints and runs the executor while the others wait
+    in a collective), where NCCL's default watchdog (10 min) would abort the job."""
     if "RANK" not in os.environ:
         return 0, 1
-    backend = "nccl" if cfg.device == "cuda" else "gloo"
-    dist.init_process_group(backend)
+    from datetime import timedelta
+    device = None
     if cfg.device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device else "gloo", timeout=timedelta(minutes=cfg.dist_timeout),
+                            device_id=device)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -1152,6 +1291,20 @@ def write_samples(run_dir, cfg):
                 for r in [r for r in rollouts if r.key == key][:cfg.log_samples]:
                     f.write(f"=== step {step} {key} reward {r.reward:+.2f} ===\n<think>{r.text}\n\n")
     return log
+
+
+def step_line(step, metrics, cfg):
+    """One line per step: rewards per task-role, then the health of the step (valid proposals, PPO clip
+    fraction and the largest |log pi - log pi_old|, share of trained responses cut by the length limit, prompts
+    dropped for length) and its time."""
+    rewards = "  ".join(f"{k.removeprefix('reward/')} {metrics[k]:+.3f}" for k in sorted(metrics)
+                        if k.startswith("reward/"))
+    valid = mean([metrics[f"valid_rate/{k}"] for k in cfg.kinds])
+    cut = mean([v for k, v in metrics.items() if k.startswith(("truncated/propose_", "truncated/solve_"))])
+    dropped = sum(v for k, v in metrics.items() if k.startswith("dropped/"))
+    return (f"step {step}: {rewards}  valid {valid:.2f}  clip {metrics['clip_fraction']:.3f}  "
+            f"max|dlogp| {metrics['max_abs_log_ratio']:.3f}  cut {cut:.2f}  dropped {dropped}  "
+            f"{metrics['time/step']:.1f}s")
 
 
 def train(cfg):
@@ -1202,10 +1355,7 @@ def train(cfg):
             if rank0:
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(dict(step=step, **metrics)) + "\n")
-                rewards = "  ".join(f"{k.removeprefix('reward/')} {metrics[k]:+.3f}" for k in sorted(metrics)
-                                    if k.startswith("reward/"))
-                valid = mean([metrics[f"valid_rate/{k}"] for k in cfg.kinds])
-                tqdm.write(f"step {step}: {rewards}  valid {valid:.2f}  {metrics['time/step']:.1f}s")
+                tqdm.write(step_line(step, metrics, cfg))
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
                 save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, world, cfg.keep_checkpoints)
     finally:

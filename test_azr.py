@@ -14,6 +14,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import random  # noqa: E402
+import re  # noqa: E402
 import select  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -1098,7 +1099,9 @@ def test_format_and_answer_extraction():
     assert not azr.format_ok("no think close <answer>1</answer>")
     assert not azr.format_ok(" x </think> no answer tags")
     assert azr.extract_answer(" a </think><answer>1</answer><answer>2</answer>") == "2"  # the last answer
-    assert azr.extract_answer(" a </think><answer>unterminated") is None
+    assert azr.extract_answer(" a </think><answer>unterminated") == "unterminated"  # upstream: the rest
+    assert not azr.format_ok(" a </think><answer>unterminated")  # Eq. 6 stays strict
+    assert azr.extract_answer(" no answer tag at all") is None
 
 
 def test_check_program_rules():
@@ -1184,6 +1187,173 @@ def test_grading_is_type_aware_and_injection_proof(azr_executor):
     assert verdicts == [want for *_, want in cases]
 
 
+# Real model text met these (fidelity review, real-weight runs): each went through parsing, grading and rewards.
+_R1_ECHO = (" The instructions want my reasoning here and the result inside <answer> </answer> tags. f doubles 3, "
+            "so the output is 6. </think> <answer>```output\n6\n```</answer>")
+
+
+def test_r1_echo_inside_think_keeps_its_reward(azr_executor):
+    """A response that repeats the instruction's "<answer> </answer>" while thinking is well formatted and its last
+    answer is graded; cut at the first </answer> (what stopping there unconditionally kept), it would be -1."""
+    task = dict(program="def f(x):\n    return 2 * x", input="3", output="6")
+    cut = _R1_ECHO[:_R1_ECHO.index("</answer>") + len("</answer>")]
+    verdicts = azr.grade_answers(azr_executor, [("deduction", task, azr.extract_answer(t)) for t in (_R1_ECHO, cut)])
+    assert verdicts == [True, False]
+    assert azr.solver_reward(azr.solver_format_ok("deduction", _R1_ECHO), verdicts[0]) == 1.0
+    assert azr.solver_reward(azr.solver_format_ok("deduction", cut), verdicts[1]) == -1.0
+
+
+def test_induction_answers_get_the_task_programs_imports(azr_executor):
+    """As upstream, the task program's top-level imports run before an induction answer, in solver grading and in
+    the learnability estimate alike (both go through grade_answers); banned imports in the answer still fail."""
+    program = "import math\nfrom collections import Counter\ndef f(s):\n    return math.isqrt(len(s)) + max(Counter(s).values(), default=0)"
+    inputs = ["'aab'", "'abcd'", "'zzzzzzzzz'", "''", "'x'", "'hello world'", "'aaaa'", "'abcabc'", "'mississippi'", "'qq'"]
+    outputs = azr.validate_proposals(azr_executor, [(program, inputs)])[0]
+    task = dict(program=program, inputs=inputs, outputs=outputs, message="m")
+    uses_imports = "```python\ndef f(s):\n    return math.isqrt(len(s)) + max(Counter(s).values(), default=0)\n```"
+    banned = "```python\nimport os\ndef f(s):\n    return math.isqrt(len(s)) + max(Counter(s).values(), default=0)\n```"
+    got = azr.grade_answers(azr_executor, [("induction", task, uses_imports), ("induction", task, banned)])
+    assert got == [True, False]
+
+
+def test_induction_answer_without_code_is_a_format_failure():
+    no_code = " f counts letters </think> <answer>It returns the count of letters.</answer>"
+    with_code = " f </think> <answer>```python\ndef f(s):\n    return len(s)\n```</answer>"
+    assert azr.format_ok(no_code) and not azr.solver_format_ok("induction", no_code)
+    assert azr.solver_reward(azr.solver_format_ok("induction", no_code), False) == -1.0  # upstream: -1, not -0.5
+    assert azr.solver_format_ok("induction", with_code) and azr.solver_format_ok("deduction", no_code)
+
+
+def test_unterminated_answer_counts_for_learnability_not_for_the_solver_reward(azr_executor):
+    task = dict(program="def f(x):\n    return x + 1", input="2", output="3")
+    unterminated = " 2 + 1 </think> <answer>```output\n3\n```"
+    assert azr.grade_answers(azr_executor, [("deduction", task, azr.extract_answer(unterminated))]) == [True]
+    assert azr.solver_reward(azr.solver_format_ok("deduction", unterminated), True) == -1.0
+
+
+def test_stop_ids_include_the_config_eos_list():
+    tok = M.byte_tokenizer()
+    config = M.tiny_config()
+    config.eos_token_id = [128001, 128008, 128009]  # Llama-3 instruct: turns end with <|eot_id|>
+    assert azr.stop_token_ids(tok, config) == [tok.eos_token_id, 128001, 128008, 128009]
+    config.eos_token_id = 7
+    assert azr.stop_token_ids(tok, config) == [7, tok.eos_token_id]
+
+
+def test_policy_update_reports_clip_fraction_and_log_ratio():
+    """Against an independent full forward: with log pi_old shifted by known offsets, the clip fraction is the
+    share of tokens whose ratio leaves [1 - 0.2, 1 + 0.2], and the |log ratio| statistics are those offsets."""
+    model, tok = M.load_model("tiny", seed=5)
+    policy = azr.TokenLogprobs(model, len(tok))
+    cfg = _azr_cfg(lr=1e-5, micro_batch_tokens=64)
+    prompt = tok.encode("q:")
+    samples = M.generate(model, [prompt], n=3, max_new_tokens=9, tokenizer=tok, seed=1)
+    offsets = [0.5, 0.0, -0.5, 0.1]  # ratios e^-0.5 (clipped), 1, e^0.5 (clipped), e^-0.1 (kept)
+    rollouts, shifts = [], []
+    for s in samples:
+        with torch.no_grad():
+            logits = _model_logits(model, torch.tensor([prompt + s.tokens]))[0, len(prompt) - 1:-1].double()
+        logits[:, len(tok):] = -float("inf")
+        exact = logits.log_softmax(-1)[torch.arange(len(s.tokens)), torch.tensor(s.tokens)]
+        shift = [offsets[t % 4] for t in range(len(s.tokens))]
+        rollouts.append(azr.Rollout("solve_x", prompt, s.tokens, (exact + torch.tensor(shift)).tolist(), advantage=1.0))
+        shifts += shift
+    stats = azr.policy_update(policy, torch.optim.AdamW(policy.parameters(), lr=cfg.lr), rollouts, cfg)
+    clipped = [abs(math.exp(-d) - 1) > cfg.clip_ratio for d in shifts]
+    assert stats["clip_fraction"] == pytest.approx(statistics.fmean(clipped), abs=1e-9)
+    assert stats["abs_log_ratio"] == pytest.approx(statistics.fmean(map(abs, shifts)), abs=1e-4)
+    assert stats["max_abs_log_ratio"] == pytest.approx(0.5, abs=1e-4)
+    assert all(p.grad is None for p in policy.parameters())  # freed before the next rollouts
+
+
+class _ScriptedPolicy(azr.Policy):
+    """Drives azr_step with scripted model text (orchestration only; the real sampler runs in the training
+    tests): proposals are chosen by the proposer prompt's kind, answers by a marker comment in the task program."""
+
+    def __init__(self, cfg, script):
+        model, tok = M.load_model("tiny")
+        super().__init__(model, tok, cfg, (0, 1))
+        self.script = script
+
+    def sample(self, prompts, n, seed, max_new_tokens=None, temperature=None, progress=None):
+        out = []
+        for ids in prompts:
+            for j in range(n):
+                text = self.script(self.tokenizer.decode(ids), j)
+                tokens = self.tokenizer.encode(text)[:self.cfg.max_response_tokens]
+                reason = "length" if len(tokens) == self.cfg.max_response_tokens else "stop"
+                out.append((M.Sample(tokens, [-1.0] * len(tokens), reason), self.tokenizer.decode(tokens)))
+        return out
+
+
+def _azr_answer(block, text):
+    return f" thinking </think> <answer>```{block}\n{text}\n```</answer>"
+
+
+def test_azr_step_rewards_drops_and_truncation_with_scripted_text(azr_executor):
+    """One Algorithm-1 step on scripted text through the real parsing, executor, grading and rewards: Eq. 4-6 per
+    proposal, dropped prompts and length-limited responses counted, a solver batch kept full."""
+    long_comment = "# " + "padding " * 340  # its solver prompt exceeds 2,500 tokens
+    proposals = {  # the deduction proposer's 4 responses, in prompt order
+        0: " t </think> <answer>```python\ndef f(x):\n    # easy\n    return x * 3\n```\n```input\n4\n```</answer>",
+        1: " t </think> <answer>```python\ndef f(x):\n    # half\n    return x - 1\n```\n```input\n9\n```</answer>",
+        2: " t </think> <answer>```python\ndef f(x):\n    return 1 / x\n```\n```input\n0\n```</answer>",  # raises
+        3: f" no think end <answer>```python\ndef f(x):\n    {long_comment}\n    return x\n```\n```input\n5\n```</answer>",
+    }
+    proposer_calls = []
+
+    def script(prompt, j):
+        if "invent a Python program" in prompt:
+            proposer_calls.append(prompt)
+            return proposals[(len(proposer_calls) - 1) % 4]
+        if "# easy" in prompt:
+            return _azr_answer("output", "12")
+        if "# half" in prompt:  # learnability samples alternate right and wrong: solve rate 1/2
+            return _azr_answer("output", "8" if j % 2 == 0 else "7")
+        return " I keep thinking and never stop " * 100
+
+    cfg = _azr_cfg(tasks="deduction", batch_size=4, n_learnability=4, k_references=0, max_prompt_tokens=2500,
+                   max_response_tokens=3000)
+    policy = _ScriptedPolicy(cfg, script)
+    buffers = azr.new_buffers(cfg)
+    for k in range(3):
+        buffers["deduction"].add(dict(program=f"def f(a):\n    return a + {k}", input="1", output=str(1 + k)))
+    logged = []
+    metrics = azr.azr_step(1, policy, torch.optim.AdamW(policy.trainable.parameters(), lr=1e-6), azr_executor,
+                           buffers, cfg, random.Random(0), log=lambda step, rollouts: logged.extend(rollouts))
+    proposer = [r for r in logged if r.key == "propose_deduction"]
+    solver = [r for r in logged if r.key == "solve_deduction"]
+    # Eq. 4: "easy" solved by all 4 samples -> trivial (0); "half" by 2 of 4 -> 1 - 1/2. Eq. 6: raises -> -1;
+    # unformatted -> -1 although valid (it still enters the buffer, as upstream)
+    assert [r.reward for r in proposer] == [0.0, 0.5, -1.0, -1.0]
+    assert metrics["valid_rate/deduction"] == 0.75 and metrics["learnability_solve_rate/deduction"] == 0.75
+    assert any("padding" in t["program"] for t in buffers["deduction"].items)
+    # the unformatted proposal gets no learnability rollouts; the long one's solver prompt (> 2,500 tokens)
+    # is dropped from the solver batch and replaced from the buffer: the batch stays full
+    assert metrics["dropped/solver_prompt/deduction"] >= 1 and len(solver) == cfg.batch_size
+    assert all(len(r.prompt) <= cfg.max_prompt_tokens for r in solver)
+    assert metrics["dropped/learnability_prompt/deduction"] == 0 and metrics["dropped/proposer_prompt/deduction"] == 0
+    # solver: "easy" correct 1, "half" answered 8 = 9 - 1 correct 1, buffer tasks get endless text, cut
+    cut = [len(r.tokens) == cfg.max_response_tokens and r.tokens[-1] not in policy.stop_ids for r in solver]
+    assert metrics["truncated/solve_deduction"] == statistics.fmean(cut) > 0
+    assert all(r.reward == (-1.0 if c else 1.0) for r, c in zip(solver, cut))
+    assert metrics["truncated/propose_deduction"] == 0.0
+
+
+def test_too_long_learnability_prompt_is_counted(azr_executor):
+    cfg = _azr_cfg(tasks="deduction", batch_size=2, n_learnability=2, k_references=0, max_prompt_tokens=2000,
+                   max_response_tokens=2000)
+    big = "# " + "x" * 1500  # the proposer prompt fits 2,000 tokens, the program's solver prompt does not
+    text = f" t </think> <answer>```python\ndef f(x):\n    {big}\n    return x\n```\n```input\n1\n```</answer>"
+    policy = _ScriptedPolicy(cfg, lambda prompt, j: text if "invent a Python program" in prompt else " </think>")
+    buffers = azr.new_buffers(cfg)
+    metrics = azr.azr_step(1, policy, torch.optim.AdamW(policy.trainable.parameters(), lr=1e-6), azr_executor,
+                           buffers, cfg, random.Random(0))
+    assert metrics["valid_rate/deduction"] == 1.0
+    assert metrics["dropped/learnability_prompt/deduction"] == 2  # both proposals: trivial reward, counted
+    assert metrics["reward/propose_deduction"] == cfg.trivial_proposal_reward
+
+
 def test_task_buffer_fifo_and_dedup():
     buf = azr.TaskBuffer(cap=3)
     tasks = [dict(program=f"def f(a):\n    return a + {i}", input="1", output=str(1 + i)) for i in range(5)]
@@ -1224,11 +1394,11 @@ _AZR_SMALL = ["--model", "tiny", "--device", "cpu", "--batch-size", "2", "--n-le
               str(SEED_SAMPLE), "--save-every", "2"]
 
 
-def _azr_run(args, cwd):
+def _azr_run(args, cwd, stderr=False):
     out = subprocess.run([sys.executable, str(REPO / "azr.py"), *args], cwd=cwd, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
+    return (out.stdout, out.stderr) if stderr else out.stdout
 
 
 def _azr_rows(run):
@@ -1258,12 +1428,36 @@ def test_train_tiny_two_steps_then_resume_matches_straight_run(tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def _azr_fails_in_one_line(args, needle, cwd):
+    out = subprocess.run([sys.executable, str(REPO / "azr.py"), *args], cwd=cwd, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert needle in last, out.stderr[-2000:]
+    return last
+
+
 def test_bad_flags_give_one_line_errors(tmp_path):
-    for args, needle in [(["--tasks", "deduction,bogus"], "--tasks"), (["--resume", str(tmp_path)], "--resume"),
-                         (["--seed-file", str(tmp_path / "nope.jsonl")], "--seed-file")]:
-        out = subprocess.run([sys.executable, str(REPO / "azr.py"), "--model", "tiny", "--device", "cpu",
-                              "--out-dir", str(tmp_path / "r"), *args], capture_output=True, text=True, timeout=300)
-        assert out.returncode != 0 and needle in out.stderr and "Traceback" not in out.stderr
+    """What a new user tries: each ends in one line that names the flag (or file and line), before any work."""
+    not_jsonl = tmp_path / "not.jsonl"
+    not_jsonl.write_text("code,input,output\nprint(1),1,1\n")
+    bad_seed = tmp_path / "bad_seed_io.jsonl"
+    bad_seed.write_text(SEED_SAMPLE.read_text().splitlines()[0] + "\n" + '{"snippet": "def f(a):\\n    return a"}\n')
+    train = ["--model", "tiny", "--out-dir", str(tmp_path / "r")]
+    cases = [(["--tasks", "deduction,bogus"], "--tasks"), (["--resume", str(tmp_path)], "--resume"),
+             (["--seed-file", str(tmp_path / "nope.jsonl")], "--seed-file"), (["--batch-size", "0"], "--batch-size"),
+             (["--temperature", "-1"], "--temperature"), (["--max-response-tokens", "0"], "--max-response-tokens"),
+             (["--top-p", "1.5"], "--top-p"), (["--exec-timeout", "0"], "--exec-timeout"),
+             (["--seed-file", str(bad_seed)], f"{bad_seed} line 2 lacks 'input'")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda"))
+    for args, needle in cases:
+        _azr_fails_in_one_line([*train, "--device", "cpu", *args] if "--device" not in args else [*train, *args],
+                               needle, tmp_path)
+    assert "line 1 is not JSON" in _azr_fails_in_one_line(
+        ["eval", "--model", "tiny", "--device", "cpu", "--data", str(not_jsonl)], str(not_jsonl), tmp_path)
+    _azr_fails_in_one_line(["eval", "--model", "tiny", "--device", "cpu", "--data", str(not_jsonl), "--limit", "-1"],
+                           "--limit", tmp_path)
 
 
 def test_cruxeval_gold_answers_grade_correct(azr_executor):
@@ -1292,10 +1486,12 @@ def _azr_parses_as_args(text):
 
 
 def test_eval_command_and_plot_on_tiny(tmp_path):
-    stdout = _azr_run(["eval", "--model", "tiny", "--data", str(shared_data("cruxeval.jsonl")), "--limit", "3",
-                       "--max-new-tokens", "8", "--device", "cpu", "--exec-workers", "2",
-                       "--out", str(tmp_path / "answers.jsonl")], tmp_path)
-    assert "CRUXEval-O pass@1" in stdout and "CRUXEval-I pass@1" in stdout
+    stdout, stderr = _azr_run(["eval", "--model", "tiny", "--data", str(shared_data("cruxeval.jsonl")), "--limit", "3",
+                               "--max-new-tokens", "8", "--device", "cpu", "--dtype", "bf16", "--exec-workers", "2",
+                               "--out", str(tmp_path / "answers.jsonl")], tmp_path, stderr=True)
+    scores = re.search(r"CRUXEval-O pass@1 ([\d.]+) \((\d)/3\)  CRUXEval-I pass@1 ([\d.]+) \((\d)/3\)", stdout)
+    assert scores and all(float(scores[k]) == int(scores[k + 1]) / 3 for k in (1, 3)), stdout
+    assert "generate: 100%" in stderr and "6/6" in stderr  # a progress bar even for 6 prompts
     rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert sorted(r["task"] for r in rows) == ["CRUXEval-I"] * 3 + ["CRUXEval-O"] * 3
     run = tmp_path / "run"
@@ -1304,6 +1500,73 @@ def test_eval_command_and_plot_on_tiny(tmp_path):
                                                            "valid_rate/deduction": s / 8}) + "\n" for s in (1, 2)))
     out = Path(azr.plot_main([str(run)]))
     assert out.is_file() and out.stat().st_size > 0
+
+
+# --- opt-in: real weights (AZR_TEST_MODEL=<local HF dir>; `bash ../shared/tools/real-model.sh` builds one) ------
+
+REAL_MODEL = os.environ.get("AZR_TEST_MODEL", "")
+real_weights = pytest.mark.skipif(not REAL_MODEL, reason="real-weight test: set AZR_TEST_MODEL to a local Hugging Face "
+                                                         "directory (bash ../shared/tools/real-model.sh builds one)")
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    return M.load_model(REAL_MODEL)
+
+
+@real_weights
+def test_real_weights_logits_match_transformers(real_model):
+    from transformers import AutoModelForCausalLM
+    ours, tok = real_model
+    hf = AutoModelForCausalLM.from_pretrained(REAL_MODEL, dtype=torch.float32).eval()
+    ids = torch.tensor([tok.encode(azr.R1_TEMPLATE.format("What does f(3) return?"))])
+    with torch.no_grad():
+        assert _model_rel_err(_model_logits(ours, ids), hf(ids).logits) < 1e-4
+
+
+@real_weights
+def test_real_weights_sampler_logprobs_match_full_forward(real_model):
+    model, tok = real_model
+    prompt = tok.encode(azr.R1_TEMPLATE.format("Write a Python function that reverses a list."))
+    for s in M.generate(model, [prompt], n=2, max_new_tokens=24, temperature=1.0, tokenizer=tok, seed=3):
+        with torch.no_grad():
+            logits = _model_logits(model, torch.tensor([prompt + s.tokens]))[0, len(prompt) - 1:-1].double()
+        logits[:, len(tok):] = -float("inf")
+        ref = logits.log_softmax(-1)[torch.arange(len(s.tokens)), torch.tensor(s.tokens)]
+        torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.double), ref, rtol=0, atol=2e-3)
+
+
+@real_weights
+def test_real_weights_cruxeval_answers_are_formatted_and_parse(tmp_path):
+    """The model is weak (about a third of its CRUXEval answers are unformatted): require some, not all."""
+    out = tmp_path / "answers.jsonl"
+    _azr_run(["eval", "--model", REAL_MODEL, "--data", str(shared_data("cruxeval.jsonl")), "--limit", "4",
+              "--max-new-tokens", "384", "--device", "cpu", "--exec-workers", "2", "--out", str(out)], tmp_path)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    usable = []
+    for r in rows:
+        block = "output" if r["task"] == "CRUXEval-O" else "input"
+        texts = azr.fenced_blocks(r["answer"], block) if azr.format_ok(r["response"]) else []
+        usable.append(bool(texts) and (azr.safe_value(texts[-1])[0] if block == "output" else _azr_parses_as_args(texts[-1])))
+    assert len(rows) == 8 and any(usable), rows
+
+
+@real_weights
+def test_real_weights_one_self_play_step_gives_only_allowed_rewards(real_model, azr_executor):
+    model, tok = real_model
+    cfg = _azr_cfg(model=REAL_MODEL, batch_size=2, n_learnability=2, k_references=2, max_response_tokens=256,
+                   seed_file=str(SEED_SAMPLE))
+    policy = azr.Policy(model, tok, cfg, (0, 1))
+    buffers = azr.init_buffers(policy, azr_executor, cfg, random.Random(0), (0, 1))
+    logged = []
+    metrics = azr.azr_step(1, policy, torch.optim.AdamW(model.parameters(), lr=cfg.lr), azr_executor, buffers, cfg,
+                           random.Random(0), log=lambda step, rollouts: logged.extend(rollouts))
+    N = cfg.n_learnability
+    proposer_values = {-1.0, cfg.trivial_proposal_reward} | {1 - k / N for k in range(1, N)}
+    assert len(logged) == 6 * cfg.batch_size
+    for r in logged:
+        assert r.reward in (proposer_values if r.key.startswith("propose_") else {1.0, -0.5, -1.0}), (r.key, r.reward)
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
 
 
 # --- the loss really learns, and FSDP2 on two ranks equals one process ----------------------------------------
@@ -1352,10 +1615,13 @@ rollouts = [azr.Rollout("solve_x", [rng.randrange(200) for _ in range(rng.randra
 for r in rollouts:
     r.logprobs = [-rng.random() * 5 for _ in r.tokens]
     r.advantage = rng.uniform(-2, 2)
-azr.policy_update(policy.trainable, opt, rollouts, cfg, world)
 full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
-state = {k: full(p) for k, p in policy.trainable.model.named_parameters()}
-state.update({"grad." + k: full(p.grad) for k, p in policy.trainable.model.named_parameters()})
+state = {}  # policy_update frees the gradients after the step: read them just before it
+opt.register_step_pre_hook(lambda *_: state.update(
+    {"grad." + k: full(p.grad) for k, p in policy.trainable.model.named_parameters()}))
+azr.policy_update(policy.trainable, opt, rollouts, cfg, world)
+state.update({k: full(p) for k, p in policy.trainable.model.named_parameters()})
+assert all(p.grad is None for p in policy.trainable.parameters())
 if world[0] == 0:
     torch.save(state, sys.argv[2])
 if world[1] > 1:
