@@ -486,9 +486,13 @@ class Sampler:
             self.out_lp = torch.zeros(SYNC_EVERY, max_batch_size, device=self.device)
         self.table = self.cache = self.weights = self.graph_pool = None
         self.graphs, self.stats = {}, {}
+        self.graphed = self.device.type == "cuda"  # decode steps as CUDA graphs, the batch padded to a bucket
         self._ensure_table(_cdiv(c.max_position_embeddings + SYNC_EVERY, block_size))
         self.grows = kv_cache_gib is None and self.device.type != "cuda"
         if kv_cache_gib is not None:
+            if self.device.type == "cuda" and kv_cache_gib * 2 ** 30 > torch.cuda.mem_get_info(self.device)[0]:
+                raise ValueError(f"kv_cache_gib={kv_cache_gib} is more than the "
+                                 f"{torch.cuda.mem_get_info(self.device)[0] / 2 ** 30:.1f} GiB free on {self.device}")
             self._allocate(int(kv_cache_gib * 2 ** 30 // self.block_bytes))
         elif self.device.type == "cuda":
             self._allocate(self._blocks_that_fit(reserve_gib))
@@ -599,7 +603,7 @@ class _Rollout:
         self.max_rows = min(s.max_rows, max_batch_size or s.max_rows)
         self.queue = deque([_Seq(i * n + j, i, limits[i * n + j]) for j in range(n)] for i in range(len(prompts)))
         self.running, self.results = [], [None] * len(limits)
-        self.graphed = s.device.type == "cuda"
+        self.graphed = s.graphed
         s.seed.fill_(seed & 0xFFFFFFFF)
         self.stats = dict.fromkeys(("decode_steps", "decoded_rows", "graph_rows", "running_rows", "keys_read",
                                     "keys_needed", "peak_running", "preemptions", "prefills", "prefill_tokens",

@@ -939,6 +939,28 @@ def test_model_paged_samples_do_not_depend_on_pool_size_batch_cap_or_admission_o
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=0, atol=1e-4)
 
 
+def test_model_cuda_schedule_padding_rows_and_launch_shapes_leave_samples_unchanged(monkeypatch):
+    """The decode schedule CUDA runs, on the CPU: batches padded to graph buckets (15 sequences decode as 16 rows,
+    the padding row writing and reading only the scratch block), split-bucketed launch shapes, in a pool small enough
+    to preempt. The graph capture itself needs a GPU (bench.py gpu)."""
+    model, tok, prompts = _model_sampler_setup()
+    kw = dict(n=3, max_new_tokens=20, tokenizer=tok, seed=7, stop_token_ids=list(range(0, 256, 23)))
+    plain = M.generate(model, prompts, **kw)
+    monkeypatch.setattr(M._Rollout, "_decode", lambda self, B, max_length: self._forward_decode(B, max_length))
+    shapes = []
+    paged_decode = kernels.paged_decode
+    monkeypatch.setattr(kernels, "paged_decode", lambda q, *a: shapes.append((q.shape[0], a[-1])) or paged_decode(q, *a))
+    for blocks in (None, 9):
+        sampler = M.Sampler(model, kv_cache_gib=blocks and _model_pool_gib(model, blocks), block_size=16)
+        sampler.graphed = True
+        samples = sampler.generate(prompts, **kw)
+        st = sampler.stats
+        assert st["blocks_in_use"] == 0 and (st["preemptions"] > 0) == (blocks is not None)
+        assert [(s.tokens, s.finish_reason) for s in samples] == [(s.tokens, s.finish_reason) for s in plain]
+        _model_assert_logprobs_match_full_forward(model, tok, prompts, samples, 3)
+    assert (16, 512) in shapes and st["graph_rows"] == st["decoded_rows"]  # 15 rows ran as 16; one 512-key split
+
+
 def test_model_block_allocator_shares_and_frees_each_block_once():
     alloc = M.BlockAllocator(6)
     prompt = alloc.take(2)
