@@ -74,8 +74,8 @@ def _split_kernel(q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, o_ptr, ml_ptr, scale_
             l = l * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m = m_new
-        o_ptrs = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + split * stride_os + g[:, None] * BLOCK_D + d[None, :]
-        tl.store(o_ptrs, acc, mask=g_ok[:, None] & d_ok[None, :])
+        o_ptrs = o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + split * stride_os
+        tl.store(o_ptrs + g[:, None] * BLOCK_D + d[None, :], acc, mask=g_ok[:, None] & d_ok[None, :])
         ml_ptrs = ml_ptr + b.to(tl.int64) * stride_mb + h * stride_mh + split * stride_ms + g * 2
         tl.store(ml_ptrs, m, mask=g_ok)
         tl.store(ml_ptrs + 1, l, mask=g_ok)
