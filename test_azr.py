@@ -821,8 +821,8 @@ def test_model_batching_and_continuous_refill_do_not_change_samples():
 
 
 def test_model_prefill_budget_limited_refills_keep_idle_slots_in_range(monkeypatch):
-    """When the prefill budget admits fewer prompts than there are free slots, the slots above the highest busy one
-    still decode (batch buckets are powers of two) and must stay in range; samples equal one-prompt calls."""
+    """When the prefill budget admits fewer prompts than there are free decode rows, prompts join the running batch
+    one by one, every 8 steps; samples equal one-prompt calls."""
     model, tok = M.load_model("tiny", seed=2)
     M.init_weights(model, seed=2, std=0.3)
     prompts = [tok.encode("p" * (30 + k)) for k in range(12)]
@@ -899,7 +899,7 @@ def _model_assert_logprobs_match_full_forward(model, tok, prompts, samples, n):
 
 
 def test_model_paged_sampler_logprobs_match_full_forward_with_sharing_and_preemption():
-    """16-token blocks, a pool of 8 (the longest sequence alone needs 7): samples are preempted and recomputed,
+    """16-token blocks, a pool of 9 (the longest sequence alone needs 7): samples are preempted and recomputed,
     n=3 siblings share their prompt's full blocks and write their own copies of its partial block (siblings
     diverge at their first token, so a write into a shared block would corrupt the others' keys), and stop ids and
     strings end samples at different steps. Every logprob equals a full forward of prompt + sample."""
@@ -908,10 +908,10 @@ def test_model_paged_sampler_logprobs_match_full_forward_with_sharing_and_preemp
     free = M.generate(model, prompts, **kw)
     text = tok.decode(free[2].tokens)
     stop = text[len(text) // 2:len(text) // 2 + 2]  # completes inside sample 2 (at least)
-    sampler = M.Sampler(model, kv_cache_gib=_model_pool_gib(model, 8), block_size=16)
+    sampler = M.Sampler(model, kv_cache_gib=_model_pool_gib(model, 9), block_size=16)
     samples = sampler.generate(prompts, stop_strings=[stop], **kw)
     st = sampler.stats
-    assert st["num_blocks"] == 8 and st["preemptions"] > 0 and st["prefills"] > 1 and st["blocks_in_use"] == 0
+    assert st["num_blocks"] == 9 and st["preemptions"] > 0 and st["prefills"] > 1 and st["blocks_in_use"] == 0
     assert {s.finish_reason for s in samples} == {"stop", "length"}
     assert any(stop in tok.decode(s.tokens) for s in samples)
     _model_assert_logprobs_match_full_forward(model, tok, prompts, samples, 3)
