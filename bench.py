@@ -5,16 +5,21 @@ prints a markdown table; `--record` appends it to BENCHMARKS.md with the machine
     python bench.py sampler    # tokens/s: model.generate vs transformers' generate; batch-1 decode bandwidth
     python bench.py kernel     # fwd+bwd time and memory: fused logprob kernel vs naive PyTorch (and Liger)
     python bench.py step       # one full AZR step split into generate / execute / train
+    python bench.py gpu        # every CUDA path once against a reference (VERDICT lines), then its figures
 """
 import argparse
+import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -213,12 +218,14 @@ def qwen25_3b_config() -> M.ModelConfig:
                          tie_word_embeddings=True, max_position_embeddings=32768, eos_token_id=151643)
 
 
-def random_model(config, device, dtype, seed=0):
+def random_model(config, device, dtype, seed=0, std=0.02):
+    """Random weights made on the device itself (no CPU copy of a 3B model). std 0.02 is a real model's scale; a
+    numerical check wants larger (0.05-0.1), or attention is too flat to show an indexing bug."""
     model = M.empty_model(config, device, dtype)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=g)
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, std, generator=g)
     return model.eval()
 
 
@@ -343,8 +350,9 @@ def bench_sampler(argv: list[str]) -> str:
 # bench.py kernel
 # bench.py kernel: forward+backward of the fused LM head -> logprob + entropy (kernels.linear_logprobs) side by
 # side with naive PyTorch (bf16 logits, fp32 log_softmax, gather, entropy) and, where importable, Liger-Kernel's
-# fused linear cross entropy and torch's linear_cross_entropy (both: summed CE only, no entropy). TFLOP/s count
-# 8*N*d*V (forward, logit recompute, d_hidden, d_weight) against a measured bf16 matmul peak.
+# fused linear cross entropy and torch's linear_cross_entropy (both: summed CE only, no entropy). TFLOP/s count the
+# FLOPs each one executes: 8*N*d*V for ours (forward, logit recompute, d_hidden, d_weight), 6*N*d*V for the others
+# (they keep or chunk the logits instead of recomputing them), against a measured bf16 matmul peak.
 #
 # Needs CUDA for the real figures. On the CPU it times the chunked reference (linear_logprobs' CPU path) against
 # naive PyTorch at small N in fp32, and says that memory figures need CUDA.
@@ -432,7 +440,7 @@ def bench_kernel(argv):
         impls = {name: impls[name] for name in ("fused (ours)", "naive")}  # fused = the chunked reference on CPU
         where = "CPU, fp32: 'fused' is the chunked PyTorch reference; memory figures need CUDA"
     print(f"# bench kernel: d={args.d}, V={args.vocab}, {where}")
-    rows = ["| implementation | N | fwd+bwd ms | TFLOP/s (8NdV) | % of peak | peak MiB above inputs | memory vs naive |",
+    rows = ["| implementation | N | fwd+bwd ms | TFLOP/s (executed) | % of peak | peak MiB above inputs | memory vs naive |",
             "|---|---|---|---|---|---|---|"]
     print("\n".join(rows))
     gen = torch.Generator(device=device).manual_seed(0)
@@ -456,7 +464,7 @@ def bench_kernel(argv):
                 row = f"| {name} | {n} | OOM | | | | |"
             else:
                 ms, mem = result
-                tflops = 8 * n * args.d * args.vocab / (ms * 1e-3) / 1e12
+                tflops = (8 if name == "fused (ours)" else 6) * n * args.d * args.vocab / (ms * 1e-3) / 1e12
                 pct = f"{100 * tflops / peak:.0f}%" if cuda else "n/a"
                 mem_s = f"{mem:.0f}" if mem is not None else "n/a"
                 ratio = f"{100 * mem / naive_mem:.1f}%" if mem is not None and naive_mem else "n/a"
@@ -522,12 +530,250 @@ def bench_step(argv):
 
 
 
+# --------------------------------------------------------------------------------------------------------------
+# bench.py gpu (issue 11): the one prepared command for a lent GPU. GPU time is rare and short, so one command
+# runs every CUDA path once against a reference, printing `VERDICT name pass|FAIL detail`, then its benchmark
+# rows. Each check runs in a process of its own with a time cap, so an OOM, a hang or a CUDA error that poisons
+# the context fails that check only and the next one still runs. Only the repository and the machine's packages
+# are needed (the seed sample in data/). `--cpu-dry-run` runs every check end to end on the CPU at small shapes
+# (a test does, in CI). Figures go to BENCHMARKS.md, and with `--out DIR` the verdicts, the markdown, the raw
+# figures and each check's log go to DIR (on a lent machine only that folder comes back).
+
+def _rel_err(got, ref):
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def check_kernel(dry):
+    """The Triton logprob kernel, forward and backward, against the fp32 chunked reference at the paper's LM-head
+    shape (N*V > 2^31, so int64 offsets matter); then its time, TFLOP/s and memory beside naive PyTorch."""
+    from kernels import fused_logprobs, reference
+    device, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
+    n, d, V, vocab = (48, 32, 700, 650) if dry else (16384, 2048, 151936, 151665)
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = (torch.randn(n, d, device=device, generator=g) * 0.5).to(dtype)
+    weight = (torch.randn(V, d, device=device, generator=g) * 0.05).to(dtype)
+    weight[vocab:] = 1.0  # padded LM-head rows: they would dominate every softmax if they leaked in
+    targets = torch.randint(0, vocab, (n,), device=device, generator=g)
+    g_lp, g_ent = torch.randn(2, n, device=device, generator=g)
+
+    def run(fn, h, w):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, ent = fn(h, w, targets, 0.7, vocab)
+        (g_lp * lp + g_ent * ent).sum().backward()
+        return dict(logprobs=lp.detach(), entropy=ent.detach(), d_hidden=h.grad, d_weight=w.grad)
+    got = run(fused_logprobs.linear_logprobs_triton, hidden, weight)
+    ref = run(reference.linear_logprobs_reference, hidden.float(), weight.float())
+    err = {k: _rel_err(got[k], ref[k]) for k in got}
+    limits = dict(logprobs=1e-3, entropy=1e-3, d_hidden=3e-2, d_weight=3e-2)
+    pad_zero = bool((got["d_weight"][vocab:] == 0).all())
+    ok = pad_zero and all(err[k] < limits[k] for k in err)
+    verdicts = [("kernel", ok, f"N={n} d={d} V={V} vocab={vocab} {str(dtype)[6:]}: rel err "
+                 + " ".join(f"{k} {v:.1e}" for k, v in err.items()) + f"; padded rows' grad zero {pad_zero}")]
+    del got, ref
+    rows = ["| implementation | N | fwd+bwd ms | TFLOP/s (executed) | peak MiB above inputs |", "|---|---|---|---|---|"]
+    figures = {}
+    for name, fn, flops in (("fused (ours)", kernels.linear_logprobs, 8), ("naive", _naive, 6)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        try:
+            ms, mib = _time(fn, (h, w, targets, g_lp, g_ent), 1 if dry else 3, not dry)
+        except torch.OutOfMemoryError:
+            rows.append(f"| {name} | {n} | OOM | | |")
+            continue
+        tflops = flops * n * d * V / (ms * 1e-3) / 1e12
+        figures[name] = dict(ms=ms, tflops=tflops, peak_mib=mib)
+        rows.append(f"| {name} | {n} | {ms:.1f} | {tflops:.3g} | {'n/a' if mib is None else f'{mib:.0f}'} |")
+        del h, w
+        if not dry:
+            torch.cuda.empty_cache()
+    return verdicts, "\n".join(rows), figures
+
+
+def check_train_attention(dry):
+    """Decoder gradients through the training path (TokenLogprobs: the decoder's causal SDPA and the logprob
+    kernel) in fp32 with whatever SDPA backend the build picks, and under bf16 autocast as azr trains, against fp32
+    with the math backend; names the backend chosen."""
+    import azr
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    device = "cpu" if dry else "cuda"
+    config = M.ModelConfig(vocab_size=1024, hidden_size=128 if dry else 896, intermediate_size=256 if dry else 4864,
+                           num_layers=2, num_heads=4 if dry else 14, num_kv_heads=2, head_dim=32 if dry else 64,
+                           rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True)
+    model = random_model(config, torch.device(device), torch.float32, std=0.08).train()
+    policy = azr.TokenLogprobs(model, config.vocab_size)
+    g = torch.Generator(device=device).manual_seed(1)
+    B, T = (2, 64) if dry else (4, 1024)
+    ids = torch.randint(0, config.vocab_size, (B, T), device=device, generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    mask[:, T // 4:-1] = True
+    targets = ids[:, 1:][mask[:, :-1]]
+    adv = torch.randn(targets.shape[0], device=device, generator=g)
+
+    def grads(autocast, backends):
+        model.zero_grad(set_to_none=True)
+        ctx = torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx, sdpa_kernel(backends):
+            logp, ent = policy(ids, mask, targets, 1.0)
+        (-(adv * logp).sum() - 0.01 * ent.sum()).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+    everything = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                  SDPBackend.MATH]
+    ref = grads(False, [SDPBackend.MATH])
+    fp32 = grads(False, everything)
+    bf16 = grads(True, everything)
+    worst = lambda got: max((_rel_err(got[k], ref[k]), k) for k in ref)  # noqa: E731
+    (e32, k32), (e16, k16) = worst(fp32), worst(bf16)
+    q = torch.randn(1, config.num_heads, 16, config.head_dim, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(1, config.num_kv_heads, 16, config.head_dim, device=device, dtype=torch.bfloat16)
+    try:
+        backend = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn"}.get(
+            int(torch._fused_sdp_choice(q, kv, kv, is_causal=True, enable_gqa=True)), "other")
+    except (RuntimeError, TypeError, AttributeError) as e:
+        backend = f"unknown ({type(e).__name__})"
+    return [("train_attention", e32 < 1e-3 and e16 < 5e-2,
+             f"worst grad rel err vs fp32 math: fp32 {e32:.1e} ({k32}), bf16 autocast {e16:.1e} ({k16}); "
+             f"bf16 causal GQA SDPA picks {backend}")], "", dict(fp32=e32, bf16=e16, backend=backend)
+
+
+def check_step(dry):
+    """One full self-play step (azr.azr_step: propose, validate, learnability, solve, grade, update, refresh) on
+    the tiny model and on a Qwen2.5-0.5B-shaped random model, with phase times, MFU and the PPO health figures
+    (on GPUs log pi_old comes from the bf16 sampling copy, the update from fp32 master weights)."""
+    import azr
+    device = "cpu" if dry else "cuda"
+    rows = ["| model | generate s | execute s | train s | step s | gen tok/s | MFU | clip fraction | max abs dlogp |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    verdicts, figures = [], {}
+    shapes = [("tiny", None)] + ([] if dry else [("Qwen2.5-0.5B-shaped", M.ModelConfig(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
+        head_dim=64, rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True, eos_token_id=256))])
+    for name, shape in shapes:
+        cfg = azr.Config(model="tiny", device=device, steps=1, batch_size=4 if dry else 32,
+                         n_learnability=2 if dry else 8, max_response_tokens=32 if dry else 512,
+                         max_prompt_tokens=4096, seed_file=str(REPO / "data" / "sample_seed_io.jsonl"), save_every=0,
+                         exec_workers=2 if dry else min(16, os.cpu_count() or 1))
+        if shape is None:
+            model, tokenizer = M.load_model("tiny", device=device)
+        else:
+            model, tokenizer = random_model(shape, torch.device(device), torch.float32).train(), M.byte_tokenizer()
+        for block in model.layers:
+            block.checkpointing = cfg.grad_checkpoint
+        policy = azr.Policy(model, tokenizer, cfg, (0, 1))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        with Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout, max_output_chars=cfg.max_output_chars) as ex:
+            buffers = azr.init_buffers(policy, ex, cfg, random.Random(0), (0, 1))
+            t0 = time.perf_counter()
+            m = azr.azr_step(1, policy, optimizer, ex, buffers, cfg, random.Random(0))
+            step_s = time.perf_counter() - t0
+        n_params = sum(p.numel() for p in model.parameters())
+        peak = _peak_flops(device)
+        mfu = (6 * n_params * m["trained_tokens"] + 2 * n_params * m["generated_tokens"]) / (step_s * peak) if peak else None
+        health = [m["clip_fraction"], m["max_abs_log_ratio"], m["loss"], m["grad_norm"]]
+        ok = all(math.isfinite(x) for x in health)
+        verdicts.append((f"step.{'tiny' if shape is None else 'qwen2.5-0.5b'}", ok, f"{name}: {step_s:.1f} s, loss {m['loss']:.3g}, "
+                         f"grad norm {m['grad_norm']:.3g}, clip fraction {m['clip_fraction']:.4f}, "
+                         f"max |dlogp| {m['max_abs_log_ratio']:.3g}"))
+        figures[name] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        rows.append(f"| {name} | {m['time/generate']:.2f} | {m['time/execute']:.2f} | {m['time/train']:.2f} | "
+                    f"{step_s:.2f} | {m['tokens_per_s']:.0f} | {'n/a' if mfu is None else f'{mfu:.1%}'} | "
+                    f"{m['clip_fraction']:.4f} | {m['max_abs_log_ratio']:.3g} |")
+        del model, policy, optimizer
+        if not dry:
+            torch.cuda.empty_cache()
+    return verdicts, "\n".join(rows), figures
+
+
+def _peak_flops(device):
+    if device != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in (("H200", 989), ("H100", 989), ("A100", 312)) if key in name), 0.0)
+
+
+# name -> (check, seconds it may take on the GPU, compilation included); the caps sum to under 8 minutes
+GPU_CHECKS = dict(kernel=(check_kernel, 90), train_attention=(check_train_attention, 45), step=(check_step, 150))
+
+
+def _gpu_check_child(name, dry, result_path):
+    """Runs one check in this process and writes its verdicts, markdown and figures as JSON."""
+    fn, _ = GPU_CHECKS[name]
+    verdicts, markdown, figures = fn(dry)
+    Path(result_path).write_text(json.dumps(dict(verdicts=verdicts, markdown=markdown, figures=figures), default=str))
+
+
+def bench_gpu(argv):
+    ap = argparse.ArgumentParser(prog="bench.py gpu", description="Every GPU path once against a reference, then "
+                                 "its benchmark rows, in one command (issue 11).")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="run every check on the CPU at small shapes")
+    ap.add_argument("--out", default="", help="folder for verdicts.txt, gpu.md, figures.json and each check's log")
+    ap.add_argument("--only", default="", help="comma list of checks to run (default: all)")
+    ap.add_argument("--child", nargs=2, metavar=("CHECK", "RESULT_JSON"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    dry = args.cpu_dry_run
+    if args.child:
+        return _gpu_check_child(args.child[0], dry, args.child[1])
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu: no CUDA device here; use --cpu-dry-run to exercise the checks on the CPU")
+    names = [n for n in args.only.split(",") if n] or list(GPU_CHECKS)
+    unknown = set(names) - set(GPU_CHECKS)
+    if unknown:
+        raise SystemExit(f"bench.py gpu: unknown checks {sorted(unknown)}; choose from {', '.join(GPU_CHECKS)}")
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    import triton
+    device = "CPU (dry run)" if dry else torch.cuda.get_device_name()
+    head = (f"{device}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
+            f"Python {platform.python_version()}, {datetime.date.today()}")
+    print(f"# bench.py gpu: {head}", flush=True)
+    env = dict(os.environ, TRITON_INTERPRET="1") if dry else dict(os.environ)
+    verdict_lines, sections, figures, t_start = [], [], {}, time.monotonic()
+    for name in names:
+        cap = GPU_CHECKS[name][1] * (3 if dry else 1)
+        result = Path(tempfile.mkdtemp(prefix="azr-gpu-")) / "result.json"
+        cmd = [sys.executable, str(REPO / "bench.py"), "gpu", "--child", name, str(result)] + (["--cpu-dry-run"] if dry else [])
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=cap)
+            log, failure = proc.stdout + proc.stderr, None if proc.returncode == 0 else f"exit status {proc.returncode}"
+        except subprocess.TimeoutExpired as e:
+            log, failure = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"), \
+                f"over its {cap} s cap"
+        seconds = time.monotonic() - t0
+        if out:
+            (out / f"{name}.log").write_text(log)
+        if failure is None and result.is_file():
+            r = json.loads(result.read_text())
+            lines = [f"VERDICT {v} {'pass' if ok else 'FAIL'} {detail}" for v, ok, detail in r["verdicts"]]
+            if r["markdown"]:
+                sections.append(f"### {name} ({seconds:.0f} s)\n\n{r['markdown']}")
+            figures[name] = r["figures"]
+        else:
+            last = next((line for line in reversed(log.strip().splitlines()) if line.strip()), "no output")
+            lines = [f"VERDICT {name} FAIL {failure}: {last[:300]}"]
+        shutil.rmtree(result.parent, ignore_errors=True)
+        for line in lines:
+            print(line, flush=True)
+        verdict_lines += lines
+    total = time.monotonic() - t_start
+    report = (f"{head}; {total:.0f} s in all\n\n" + "\n".join(f"- `{v}`" for v in verdict_lines) + "\n\n"
+              + "\n\n".join(sections) + "\n")
+    print("\n" + report)
+    if out:
+        (out / "verdicts.txt").write_text("\n".join(verdict_lines) + "\n")
+        (out / "gpu.md").write_text(report)
+        (out / "figures.json").write_text(json.dumps(figures, indent=1, default=str))
+    if not dry:
+        with open(REPO / "BENCHMARKS.md", "a") as f:
+            f.write(f"\n## bench.py gpu -- {device} -- {datetime.date.today()}\n\n{report}")
+    return report
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    benches = dict(executor=bench_executor, sampler=bench_sampler, kernel=bench_kernel, step=bench_step)
+    benches = dict(executor=bench_executor, sampler=bench_sampler, kernel=bench_kernel, step=bench_step, gpu=bench_gpu)
     if not argv or argv[0] not in benches:
         raise SystemExit(f"usage: python bench.py {{{'|'.join(benches)}}} [--record] [options]")
-    record = "--record" in argv
+    record = "--record" in argv and argv[0] != "gpu"  # gpu writes BENCHMARKS.md itself
     report = benches[argv[0]]([a for a in argv[1:] if a != "--record"])
     if record:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
