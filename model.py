@@ -6,9 +6,12 @@ parameter names, so Hugging Face checkpoints load as they are; the architecture 
 `generate` samples from the very model object the trainer optimises (SPEC section 6 needs the sampler's
 logprobs under the trainer's temperature): no weight copy, no second engine.
 """
+import json
 import math
 import os
+import re
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -270,7 +273,9 @@ def empty_model(config: ModelConfig, device, dtype) -> Transformer:
 
 
 def load_model(name: str, device="cpu", dtype=torch.float32, seed: int = 0):
-    """`tiny`, a local Hugging Face directory (config.json + *.safetensors), a hub id or a short name."""
+    """`tiny`, a local Hugging Face directory (config.json + *.safetensors), a hub id or a short name.
+    A Qwen3 model whose name (short name, hub id or path) has `-Base` in it gets plain_think's tokenizer: base and
+    post-trained Qwen3 ship the same tokenizer files, and upstream, too, strips the tokens for base models only."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
     if name == "tiny":
@@ -281,6 +286,8 @@ def load_model(name: str, device="cpu", dtype=torch.float32, seed: int = 0):
     except ValueError as e:
         raise SystemExit(f"cannot load model {name!r}: {e}") from None
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if config.model_type == "qwen3" and re.search(r"-base\b", name, re.IGNORECASE):
+        tokenizer = plain_think(tokenizer)
     if len(tokenizer) > config.vocab_size:  # the sampler and the trainer index LM-head rows by token id
         raise SystemExit(f"cannot load model {name!r}: its tokenizer has {len(tokenizer)} tokens but its LM head only "
                          f"{config.vocab_size} rows")
@@ -298,6 +305,32 @@ def load_model(name: str, device="cpu", dtype=torch.float32, seed: int = 0):
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {sorted(missing)[:3]}...")
     return model, tokenizer
+
+
+THINK_TOKENS = ("<think>", "</think>")
+
+
+def plain_think(tokenizer):
+    """The tokenizer without `<think>`/`</think>` as added tokens, so the R1 template's literal `<think>` (SPEC 2)
+    is plain text, as upstream does for Qwen3 base models: their embeddings of these tokens are untrained, and
+    upstream's README says the model "produces nonsense" otherwise. Their ids (Qwen3's last two) then lie at or
+    above len(tokenizer), where the sampler and the trainer mask LM-head rows, so they are never sampled either.
+    A no-op when the tokens are absent; save_model writes the stripped tokenizer, so checkpoints keep the rule."""
+    from transformers import AutoTokenizer
+    if not set(THINK_TOKENS) & set(tokenizer.get_added_vocab()):
+        return tokenizer
+    print("model.py: Qwen3 base model: <think> and </think> tokenise as plain text", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:  # edit the saved files, as upstream does: every class reads them
+        files = Path(tmp) / "tokenizer.json", Path(tmp) / "tokenizer_config.json"
+        tokenizer.save_pretrained(tmp)
+        backend, config = (json.loads(f.read_text()) for f in files)
+        backend["added_tokens"] = [t for t in backend["added_tokens"] if t["content"] not in THINK_TOKENS]
+        if "added_tokens_decoder" in config:
+            config["added_tokens_decoder"] = {i: t for i, t in config["added_tokens_decoder"].items()
+                                              if t["content"] not in THINK_TOKENS}
+        for f, state in zip(files, (backend, config)):
+            f.write_text(json.dumps(state, ensure_ascii=False))
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 def _download(name: str) -> Path:

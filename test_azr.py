@@ -1022,6 +1022,42 @@ def test_model_family_matches_transformers_and_round_trips(family, tied, tmp_pat
         assert torch.equal(_model_logits(reloaded, ids), _model_logits(ours, ids))
 
 
+def test_model_qwen3_base_tokenises_think_as_text(tmp_path):
+    """Qwen3's <think>/</think> are added tokens (untrained in the base models). Loaded by a name with -Base, the
+    R1 template's <think> is plain text, their ids are past len(tokenizer) (never sampled), and a checkpoint keeps
+    that. Other Qwen3 models keep the tokens, and azr's decoding (skip_special_tokens=True) keeps a generated
+    </think> (flagged special: false), so the format reward sees it."""
+    from transformers import AutoTokenizer
+    hf_config, tok = _model_family("qwen3", True, tmp_path)
+    _model_hf_checkpoint(hf_config, tmp_path / "Qwen3-tiny-Base", tok)
+    shutil.copytree(tmp_path / "Qwen3-tiny-Base", tmp_path / "Qwen3-tiny")
+    think, end = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    prompt, response = azr.R1_TEMPLATE.format("f(3)?"), " 3 + 1 = 4.</think> <answer>4</answer>"
+
+    def encode(t, text):  # as azr's Policy.encode
+        return t(text, add_special_tokens=False)["input_ids"]
+
+    as_files_say = AutoTokenizer.from_pretrained(tmp_path / "Qwen3-tiny-Base")
+    model, instruct = M.load_model(str(tmp_path / "Qwen3-tiny"))
+    for t in (as_files_say, instruct):
+        assert encode(t, prompt)[-1] == think and len(t) == think + 2
+    generated = encode(instruct, response) + [instruct.eos_token_id]
+    assert end in generated
+    text = instruct.decode(generated, skip_special_tokens=True)
+    assert text == response and azr.format_ok(text)
+
+    _, base = M.load_model(str(tmp_path / "Qwen3-tiny-Base"))
+    M.save_model(model, base, tmp_path / "ckpt" / "model")
+    for t in (base, M.load_model(str(tmp_path / "ckpt" / "model"))[1],
+              AutoTokenizer.from_pretrained(tmp_path / "ckpt" / "model")):
+        ids = encode(t, prompt)
+        assert t.convert_ids_to_tokens(ids[-3:]) == ["<", "think", ">"] and t.decode(ids) == prompt
+        assert len(t) == think < end  # both rows masked by the sampler and the trainer
+        assert encode(t, "<|im_end|><tool_call>") == encode(instruct, "<|im_end|><tool_call>")  # others untouched
+        generated = encode(t, response) + [t.eos_token_id]
+        assert t.decode(generated, skip_special_tokens=True) == response
+
+
 @pytest.mark.parametrize("model_type,kw,reason", [
     ("qwen3_moe", {}, "mixture-of-experts"),
     ("qwen3", dict(use_sliding_window=True, sliding_window=64, max_window_layers=1, num_hidden_layers=2),
