@@ -230,9 +230,14 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # loading and saving
 
-HUB_IDS = {name: f"Qwen/{name}" for name in ("Qwen2.5-3B", "Qwen2.5-7B", "Qwen2.5-14B", "Qwen2.5-Coder-3B",
-                                              "Qwen2.5-Coder-7B", "Qwen2.5-Coder-14B", "Qwen2.5-7B-Instruct")}
-HUB_IDS["Llama-3.1-8B"] = "meta-llama/Llama-3.1-8B"
+HUB_IDS = {name: f"Qwen/{name}" for name in (  # the README's model table lists these
+    "Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-3B", "Qwen2.5-7B", "Qwen2.5-14B",
+    "Qwen2.5-Coder-0.5B", "Qwen2.5-Coder-1.5B", "Qwen2.5-Coder-3B", "Qwen2.5-Coder-7B", "Qwen2.5-Coder-14B",
+    "Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B-Instruct", "Qwen2.5-7B-Instruct",
+    "Qwen2.5-Coder-0.5B-Instruct", "Qwen2.5-Coder-1.5B-Instruct",
+    "Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B",
+    "Qwen3-0.6B-Base", "Qwen3-1.7B-Base", "Qwen3-4B-Base", "Qwen3-8B-Base")}
+HUB_IDS |= {name: f"meta-llama/{name}" for name in ("Llama-3.1-8B", "Llama-3.2-1B", "Llama-3.2-3B")}
 
 
 def tiny_config() -> ModelConfig:

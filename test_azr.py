@@ -1058,6 +1058,19 @@ def test_model_qwen3_base_tokenises_think_as_text(tmp_path):
         assert t.decode(generated, skip_special_tokens=True) == response
 
 
+def test_model_short_names_resolve_offline_and_are_documented(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    for name, repo in [("Qwen3-4B-Base", "Qwen/Qwen3-4B-Base"), ("Llama-3.2-1B", "meta-llama/Llama-3.2-1B"),
+                       ("Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct")]:
+        with pytest.raises(SystemExit, match=f"hub id '{repo}'"):
+            M.load_model(name)
+    readme = (REPO / "README.md").read_text()
+    assert [name for name in M.HUB_IDS if f"`{name}`" not in readme] == []
+
+
 @pytest.mark.parametrize("model_type,kw,reason", [
     ("qwen3_moe", {}, "mixture-of-experts"),
     ("qwen3", dict(use_sliding_window=True, sliding_window=64, max_window_layers=1, num_hidden_layers=2),
