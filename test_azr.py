@@ -954,8 +954,8 @@ def _model_qwen3_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _model_llama32_tokenizer():
-    """Llama-3.2 instruct's shape: byte-level tokens, then BOS and three end tokens; its length is the LM head's
+def _model_llama3_tokenizer():
+    """Llama-3.x instruct's shape: byte-level tokens, then BOS and three end tokens; its length is the LM head's
     (no padded rows)."""
     from tokenizers import AddedToken
     tok = M.byte_tokenizer().backend_tokenizer  # 257 tokens: <|endoftext|> stands in for a reserved token
@@ -975,7 +975,7 @@ def _model_family(family: str, tied: bool, tmp_path):
         return Qwen3Config(**common, vocab_size=320, head_dim=32, rope_theta=1e6, attention_bias=False,  # 32 != 64/4
                            use_sliding_window=False, max_window_layers=2, bos_token_id=tok.pad_token_id,
                            eos_token_id=tok.eos_token_id), tok
-    tok = _model_llama32_tokenizer()
+    tok = _model_llama3_tokenizer()
     ends = tok.convert_tokens_to_ids(["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])
     # llama3 scaling with a small original context, so all three frequency bands occur within 200 positions
     return LlamaConfig(**common, vocab_size=len(tok), head_dim=16, rope_theta=5e5, rope_scaling=dict(
@@ -983,7 +983,8 @@ def _model_family(family: str, tied: bool, tmp_path):
         original_max_position_embeddings=64), bos_token_id=tok.bos_token_id, eos_token_id=ends), tok
 
 
-@pytest.mark.parametrize("family,tied", [("qwen3", True), ("qwen3", False), ("llama3.2", True)])
+@pytest.mark.parametrize("family,tied", [("qwen3", True), ("qwen3", False), ("llama3", True), ("llama3", False)],
+                         ids=["qwen3-tied", "qwen3-untied", "llama3.2-tied", "llama3.1-untied"])
 def test_model_family_matches_transformers_and_round_trips(family, tied, tmp_path):
     """A tiny random checkpoint transformers writes for the family loads in load_model: logits match transformers'
     to fp32 rounding, greedy decoding that stops at the config's EOS ids equals transformers' generate, sampled
@@ -997,7 +998,7 @@ def test_model_family_matches_transformers_and_round_trips(family, tied, tmp_pat
     assert (c.model_type, c.qk_norm, c.qkv_bias, c.head_dim) == (hf_config.model_type, family == "qwen3", False,
                                                                  hf_config.head_dim)
     assert c.eos_token_id == hf_config.eos_token_id and (ours.lm_head.weight is ours.embed_tokens.weight) == tied
-    assert len(ours_tok) == c.vocab_size if family == "llama3.2" else len(ours_tok) < c.vocab_size
+    assert len(ours_tok) == c.vocab_size if family == "llama3" else len(ours_tok) < c.vocab_size
     ids = torch.randint(0, c.vocab_size, (2, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf(ids).logits
