@@ -54,7 +54,9 @@ KINDS = ("deduction", "abduction", "induction")
 
 @dataclass
 class Config:
-    model: str = field(default="Qwen2.5-Coder-3B", metadata=dict(help="'tiny', a local HF directory, a hub id or a short name (Qwen2.5-3B, ...)"))
+    model: str = field(default="Qwen2.5-Coder-3B", metadata=dict(help=(
+        "'tiny', a local HF directory, a hub id or a short name: Qwen2.5[-Coder]-{0.5B,1.5B,3B,7B,14B}, "
+        "Qwen3-{0.6B,1.7B,4B,8B}[-Base], Llama-3.1-8B, Llama-3.2-{1B,3B}, some -Instruct (README's model table)")))
     out_dir: str = field(default="runs/azr", metadata=dict(help="run directory: metrics.jsonl, samples, checkpoints"))
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata=dict(help="cuda or cpu", choices=("cuda", "cpu")))
     steps: int = field(default=500, metadata=dict(help="self-play steps (paper: 500)", min=1))

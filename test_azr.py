@@ -727,17 +727,23 @@ def _model_config(kind: str, tied: bool) -> "M.ModelConfig":
         original_max_position_embeddings=256))
 
 
-def _model_hf_and_ours(kind: str, tied: bool, tmp_path, seed: int = 0):
-    """A transformers model with random weights (biases and norms too), and ours loaded from its files."""
+def _model_hf_checkpoint(hf_config, path, tokenizer, seed: int = 0):
+    """A transformers model with random weights (biases and norms too), saved by transformers with the tokenizer."""
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_config(_model_config(kind, tied).to_hf()).eval()
+    hf = AutoModelForCausalLM.from_config(hf_config).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in hf.named_parameters():
             noise = torch.randn(p.shape, generator=g)
             p.copy_(1 + 0.1 * noise if name.endswith("norm.weight") else 0.15 * noise)
-    hf.save_pretrained(tmp_path / "hf")
-    M.byte_tokenizer().save_pretrained(tmp_path / "hf")
+    hf.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return hf
+
+
+def _model_hf_and_ours(kind: str, tied: bool, tmp_path, seed: int = 0):
+    """A transformers model with random weights, and ours loaded from its files."""
+    hf = _model_hf_checkpoint(_model_config(kind, tied).to_hf(), tmp_path / "hf", M.byte_tokenizer(), seed)
     ours, _ = M.load_model(str(tmp_path / "hf"))
     return hf, ours
 
@@ -908,6 +914,179 @@ def test_model_offline_hub_id_gives_one_line_error(monkeypatch, tmp_path):
         M.load_model("Qwen2.5-3B")
     message = str(e.value)
     assert "\n" not in message and "Qwen/Qwen2.5-3B" in message and "local directory" in message
+
+
+# --- model families: Qwen3 dense, Llama-3.2 (issue 12) --------------------------------------------------------
+
+# Qwen3's 26 added tokens in their order (ids 151643-151668) with their "special" flags from its tokenizer_config.json
+_QWEN3_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+_QWEN3_PLAIN = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+                "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>"]
+
+
+def _model_qwen3_tokenizer(path):
+    """Qwen3's tokenizer files in miniature, built offline: byte-level BPE (a few merges, so "think" is one piece)
+    under its Qwen2Tokenizer class, then its added tokens with their flags, in tokenizer.json and
+    tokenizer_config.json as the real files have them."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import AutoTokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+    merges = [("t", "h"), ("th", "i"), ("thi", "n"), ("thin", "k")]
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab |= {a + b: len(vocab) + i for i, (a, b) in enumerate(merges)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    added = _QWEN3_SPECIAL + _QWEN3_PLAIN
+    tok.add_tokens([AddedToken(t, special=t in _QWEN3_SPECIAL, normalized=False) for t in added])
+    path.mkdir(parents=True)
+    tok.save(str(path / "tokenizer.json"))
+    flags = dict(lstrip=False, normalized=False, rstrip=False, single_word=False)
+    (path / "tokenizer_config.json").write_text(json.dumps(dict(
+        add_prefix_space=False, added_tokens_decoder={str(len(vocab) + i): dict(content=t, special=t in _QWEN3_SPECIAL,
+                                                                                **flags) for i, t in enumerate(added)},
+        additional_special_tokens=_QWEN3_SPECIAL[1:], bos_token=None, clean_up_tokenization_spaces=False,
+        eos_token="<|im_end|>", errors="replace", model_max_length=131072, pad_token="<|endoftext|>",
+        split_special_tokens=False, tokenizer_class="Qwen2Tokenizer", unk_token=None)))
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _model_llama3_tokenizer():
+    """Llama-3.x instruct's shape: byte-level tokens, then BOS and three end tokens; its length is the LM head's
+    (no padded rows)."""
+    from tokenizers import AddedToken
+    tok = M.byte_tokenizer().backend_tokenizer  # 257 tokens: <|endoftext|> stands in for a reserved token
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")])
+    from transformers import PreTrainedTokenizerFast
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+
+
+def _model_family(family: str, tied: bool, tmp_path):
+    """(a transformers config of the family's real shape, in miniature; its tokenizer)."""
+    from transformers import LlamaConfig, Qwen3Config
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=tied)
+    if family == "qwen3":
+        tok = _model_qwen3_tokenizer(tmp_path / "qwen3-tokenizer")
+        return Qwen3Config(**common, vocab_size=320, head_dim=32, rope_theta=1e6, attention_bias=False,  # 32 != 64/4
+                           use_sliding_window=False, max_window_layers=2, bos_token_id=tok.pad_token_id,
+                           eos_token_id=tok.eos_token_id), tok
+    tok = _model_llama3_tokenizer()
+    ends = tok.convert_tokens_to_ids(["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"])
+    # llama3 scaling with a small original context, so all three frequency bands occur within 200 positions
+    return LlamaConfig(**common, vocab_size=len(tok), head_dim=16, rope_theta=5e5, rope_scaling=dict(
+        rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=64), bos_token_id=tok.bos_token_id, eos_token_id=ends), tok
+
+
+@pytest.mark.parametrize("family,tied", [("qwen3", True), ("qwen3", False), ("llama3", True), ("llama3", False)],
+                         ids=["qwen3-tied", "qwen3-untied", "llama3.2-tied", "llama3.1-untied"])
+def test_model_family_matches_transformers_and_round_trips(family, tied, tmp_path):
+    """A tiny random checkpoint transformers writes for the family loads in load_model: logits match transformers'
+    to fp32 rounding, greedy decoding that stops at the config's EOS ids equals transformers' generate, sampled
+    logprobs are normalised over exactly len(tokenizer) rows, and save_model's output reloads in transformers as
+    the same class with identical logits, and in load_model with the same config (an EOS list included)."""
+    from transformers import AutoModelForCausalLM
+    hf_config, tok = _model_family(family, tied, tmp_path)
+    hf = _model_hf_checkpoint(hf_config, tmp_path / "hf", tok)
+    ours, ours_tok = M.load_model(str(tmp_path / "hf"))
+    c = ours.config
+    assert (c.model_type, c.qk_norm, c.qkv_bias, c.head_dim) == (hf_config.model_type, family == "qwen3", False,
+                                                                 hf_config.head_dim)
+    assert c.eos_token_id == hf_config.eos_token_id and (ours.lm_head.weight is ours.embed_tokens.weight) == tied
+    assert len(ours_tok) == c.vocab_size if family == "llama3" else len(ours_tok) < c.vocab_size
+    ids = torch.randint(0, c.vocab_size, (2, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert _model_rel_err(_model_logits(ours, ids), want) < 1e-4
+    ends = c.eos_token_id if isinstance(c.eos_token_id, list) else [c.eos_token_id]
+    prompts = [[5, 17, 200, 3], [9] * 11, list(range(40, 63)), [250]]
+    for prompt, s in zip(prompts, M.generate(ours, prompts, max_new_tokens=24, temperature=0.0, stop_token_ids=ends)):
+        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, pad_token_id=0)
+        assert s.tokens == ref[0, len(prompt):].tolist()
+    s = M.generate(ours, prompts[:1], max_new_tokens=8, tokenizer=ours_tok, seed=3)[0]
+    with torch.no_grad():
+        logits = _model_logits(ours, torch.tensor([prompts[0] + s.tokens]))[0, len(prompts[0]) - 1:-1]
+    ref = logits[:, :len(ours_tok)].double().log_softmax(-1)[torch.arange(8), torch.tensor(s.tokens)]
+    torch.testing.assert_close(torch.tensor(s.logprobs, dtype=torch.double), ref, rtol=0, atol=1e-4)
+    M.save_model(ours, ours_tok, tmp_path / "saved")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    assert type(again) is type(hf) and again.config.eos_token_id == hf_config.eos_token_id
+    reloaded, _ = M.load_model(str(tmp_path / "saved"))
+    assert reloaded.config == c
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, want)
+        assert torch.equal(_model_logits(reloaded, ids), _model_logits(ours, ids))
+
+
+def test_model_qwen3_base_tokenises_think_as_text(tmp_path):
+    """Qwen3's <think>/</think> are added tokens (untrained in the base models). Loaded by a name with -Base, the
+    R1 template's <think> is plain text, their ids are past len(tokenizer) (never sampled), and a checkpoint keeps
+    that. Other Qwen3 models keep the tokens, and azr's decoding (skip_special_tokens=True) keeps a generated
+    </think> (flagged special: false), so the format reward sees it."""
+    from transformers import AutoTokenizer
+    hf_config, tok = _model_family("qwen3", True, tmp_path)
+    _model_hf_checkpoint(hf_config, tmp_path / "Qwen3-tiny-Base", tok)
+    shutil.copytree(tmp_path / "Qwen3-tiny-Base", tmp_path / "Qwen3-tiny")
+    think, end = tok.convert_tokens_to_ids(["<think>", "</think>"])
+    prompt, response = azr.R1_TEMPLATE.format("f(3)?"), " 3 + 1 = 4.</think> <answer>4</answer>"
+
+    def encode(t, text):  # as azr's Policy.encode
+        return t(text, add_special_tokens=False)["input_ids"]
+
+    as_files_say = AutoTokenizer.from_pretrained(tmp_path / "Qwen3-tiny-Base")
+    model, instruct = M.load_model(str(tmp_path / "Qwen3-tiny"))
+    for t in (as_files_say, instruct):
+        assert encode(t, prompt)[-1] == think and len(t) == think + 2
+    generated = encode(instruct, response) + [instruct.eos_token_id]
+    assert end in generated
+    text = instruct.decode(generated, skip_special_tokens=True)
+    assert text == response and azr.format_ok(text)
+
+    _, base = M.load_model(str(tmp_path / "Qwen3-tiny-Base"))
+    M.save_model(model, base, tmp_path / "ckpt" / "model")
+    for t in (base, M.load_model(str(tmp_path / "ckpt" / "model"))[1],
+              AutoTokenizer.from_pretrained(tmp_path / "ckpt" / "model")):
+        ids = encode(t, prompt)
+        assert t.convert_ids_to_tokens(ids[-3:]) == ["<", "think", ">"] and t.decode(ids) == prompt
+        assert len(t) == think < end  # both rows masked by the sampler and the trainer
+        assert encode(t, "<|im_end|><tool_call>") == encode(instruct, "<|im_end|><tool_call>")  # others untouched
+        generated = encode(t, response) + [t.eos_token_id]
+        assert t.decode(generated, skip_special_tokens=True) == response
+
+
+def test_model_short_names_resolve_offline_and_are_documented(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub_constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    for name, repo in [("Qwen3-4B-Base", "Qwen/Qwen3-4B-Base"), ("Llama-3.2-1B", "meta-llama/Llama-3.2-1B"),
+                       ("Qwen2.5-Coder-0.5B-Instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct")]:
+        with pytest.raises(SystemExit, match=f"hub id '{repo}'"):
+            M.load_model(name)
+    readme = (REPO / "README.md").read_text()
+    assert [name for name in M.HUB_IDS if f"`{name}`" not in readme] == []
+
+
+@pytest.mark.parametrize("model_type,kw,reason", [
+    ("qwen3_moe", {}, "mixture-of-experts"),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=64, max_window_layers=1, num_hidden_layers=2),
+     "sliding-window"),
+    ("qwen3", dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                                        original_max_position_embeddings=32768)), "'yarn'"),
+    ("qwen3", dict(attention_bias=True), "attention_bias"),
+], ids=["moe", "sliding-window", "yarn", "bias"])
+def test_model_unimplemented_architectures_give_one_line_errors(model_type, kw, reason, tmp_path):
+    from transformers import AutoConfig
+    AutoConfig.for_model(model_type, **kw).save_pretrained(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        M.load_model(str(tmp_path))
+    assert "\n" not in str(e.value) and "not implemented" in str(e.value) and reason in str(e.value)
 
 
 # ==============================================================================================================
