@@ -9,7 +9,7 @@ repr within `max_output_chars`), whatever the frame claims.
 
     with Executor(workers=2) as ex:
         ex.run("def f(a):\n    return sorted(a)", "[3, 1, 2]")   # Result('ok', '[1, 2, 3]', None)
-        ex.run("def f(a):\n    return a * 2", ["1", "'x'"])       # [Result('ok', '2', ...), Result('ok', "'xx'", ...)]
+        ex.run("def f(a):\n    return a * 2", ["1", "'x'"])       # [Result('ok', '2', ..), Result('ok', "'xx'", ..)]
         ex.run_batch([(prog, "1"), (prog, ["1", "2"])], check_determinism=True)  # [Result, [Result, Result]]
 
 A job is (program, inputs): one input text, or a list of them that run one after another in one task child
@@ -24,16 +24,16 @@ socket; the zygote hands them on to a waiting child and closes its copies. The c
 its result frames straight to the trainer. The zygote only ever holds fds and numbers (the input count; a
 per-job verdict: timed out or the child's wait status), never a job's or a result's bytes.
 
-Per job, in the child (all but the last two steps before the job arrives, with a fixed warm-up call, so a
-job pays for its pipe hops and the program) and around it (zygote):
+Per job, in the child (all but the CPU limit before the job arrives, with a fixed warm-up call, so a job
+pays for its pipe hops and the program) and around it (zygote):
   - own session and process group; parent-death SIGKILL; every inherited fd closed but its socket to the
     zygote; stdin, stdout, stderr on /dev/null (prints are discarded, `input()` raises EOFError at once);
   - cwd = a fresh 0700 task dir, umask 077; with mountns a tmpfs of its own (64 MiB, 16k inodes) that one
     unmount removes whole, otherwise a dir on /dev/shm removed by an iterative, fd-based walk that never
     follows a link; either way by the zygote, in a parent dir that is root's (read-only with mountns);
   - rlimits: address space = zygote size + memory_mb, file size 8 MiB, 64 fds, no core dumps, with the uid
-    layer 16 threads and processes for the uid (its zygote's alone: see below); then, once the input count
-    is known, CPU = (timeout + 1 s) per input, then seccomp;
+    layer 16 threads and processes for the uid (its zygote's alone: see below); once the input count is
+    known (before any program code), CPU = (timeout + 1 s) per input;
   - wall clock: the trainer times each input; the zygote kills the child at n inputs x timeout (or as soon as
     the trainer has all it wants), SIGKILLs its process group, then sweeps (kills and reaps) every process
     re-parented to it (it is a subreaper, or PID 1 of its namespace), so setsid/double-fork escapees go too;
@@ -70,10 +70,11 @@ even without capabilities, owns every root-owned file.
             (so /proc/<pid>/mem) and abstract unix sockets outside the task's own domain (ABI >= 6). Without
             it: without mountns, reads of /etc, /home, the project; another task's dir under the same uid.
   seccomp   stops (x86-64 BPF, EPERM): sockets, exec, fork (threads allowed), kill and friends, ptrace,
-            setrlimit, mount/unshare/setns/pivot_root, pidfd_open/getfd, bpf, io_uring, keyctl, SysV IPC and
-            mqueues, memfd_create, the chmod/chown/utime/xattr families (even on the task's own files), every
-            ioctl but six terminal and fd queries (so no FS_IOC_SETFLAGS, FIOSETOWN, TIOCSTI), fcntl F_SETOWN,
-            F_SETSIG, F_SETLEASE, F_NOTIFY, inotify and fanotify, scheduling of any process but the caller.
+            setrlimit (but of its own CPU limit), mount/unshare/setns/pivot_root, pidfd_open/getfd, bpf,
+            io_uring, keyctl, SysV IPC and mqueues, memfd_create, the chmod/chown/utime/xattr families (even
+            on the task's own files), every ioctl but six terminal and fd queries (so no FS_IOC_SETFLAGS,
+            FIOSETOWN, TIOCSTI), fcntl F_SETOWN, F_SETSIG, F_SETLEASE, F_NOTIFY, inotify and fanotify,
+            scheduling of any process but the caller.
             Without it: renicing and SIGIO to same-uid processes, IPC between one zygote's tasks, RAM in
             memfds outside the limits, inotify on what the task can see, and, as uid 0, metadata of root's files.
 
@@ -399,7 +400,7 @@ F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE, F_NOTIFY = 8, 10, 15, 1024, 1026
 # The only ioctls a task may make (terminal queries, fd flags): none sets file flags (FS_IOC_SETFLAGS), a
 # file owner for SIGIO (FIOSETOWN) or injects terminal input (TIOCSTI).
 _IOCTLS = dict(TCGETS=0x5401, TIOCGWINSZ=0x5413, FIONREAD=0x541B, FIONBIO=0x5421, FIONCLEX=0x5450, FIOCLEX=0x5451)
-PRIO_PROCESS, IOPRIO_WHO_PROCESS = 0, 1
+PRIO_PROCESS, IOPRIO_WHO_PROCESS, RLIMIT_CPU = 0, 1, 0
 
 
 def _seccomp_program() -> bytes:
@@ -427,7 +428,10 @@ def _seccomp_program() -> bytes:
     rules = {
         _SYS_clone3: [insn(RET, ENOSYS)],                                    # glibc then falls back to clone
         _SYS_clone: [insn(LD, arg(0)), insn(JSET, CLONE_THREAD, 0, 1), insn(RET, ALLOW), insn(RET, EPERM)],
-        _SYS_prlimit64: allow_only_if([(arg(2), 0), (arg(2, high=True), 0)]),  # reading limits only
+        # reading limits; and setting its own CPU limit, which a child does once, before the program runs,
+        # lowering the hard limit to what its job needs (raising it takes CAP_SYS_RESOURCE)
+        _SYS_prlimit64: [insn(LD, arg(1)), insn(JEQ, RLIMIT_CPU, 0, 3), insn(LD, arg(0)), insn(JEQ, 0, 0, 1),
+                         insn(RET, ALLOW)] + allow_only_if([(arg(2), 0), (arg(2, high=True), 0)]),
         # SIGIO: a file owner set to another process gets signalled when the file becomes ready; leases and
         # dnotify signal on other processes' accesses
         _SYS_fcntl: one_of(arg(1), [F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE, F_NOTIFY], EPERM, ALLOW),
@@ -818,9 +822,9 @@ class _Zygote:
 
     # -- the child: forked before its job arrives, it confines itself, then waits for the job's pipes --
     def child(self, sock, task_dir, as_limit):
-        """Always ends in os._exit. Nearly everything before the job's pipes arrive is the same for every task,
-        so it runs before: a task pays for its pipe hops, its CPU limit and seccomp (`confine_job`), and the
-        program."""
+        """Always ends in os._exit. Everything before the job's pipes arrive is the same for every task (all
+        but the CPU limit, set for the job's input count), so it runs before: a task pays for its pipe hops
+        and the program."""
         setup_error = None
         try:
             self.confine(sock, task_dir, as_limit)
@@ -838,8 +842,8 @@ class _Zygote:
             os._exit(0)
         try:
             if setup_error is None:
-                try:  # the last steps depend on the job's size; nothing but this code has run yet
-                    self.confine_job(n)
+                try:  # CPU time: timeout + 1 s per input, the backstop behind the wall clock (SIGXCPU: timeout)
+                    _limit(resource.RLIMIT_CPU, self.cpu * n, self.cpu * n + 1)
                 except BaseException as e:
                     setup_error = _setup_failed(e)
             if setup_error is not None:
@@ -868,9 +872,10 @@ class _Zygote:
         os.closerange(sock + 1, 1 << 20)
         os.chdir(task_dir)
         os.umask(0o077)
-        for res, lim in ((resource.RLIMIT_AS, as_limit), (resource.RLIMIT_FSIZE, 8 << 20),
-                         (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
-            _limit(res, lim, lim)
+        for res, soft, hard in ((resource.RLIMIT_AS, as_limit, as_limit), (resource.RLIMIT_NOFILE, 64, 64),
+                                (resource.RLIMIT_FSIZE, 8 << 20, 8 << 20), (resource.RLIMIT_CORE, 0, 0),
+                                (resource.RLIMIT_CPU, self.cpu, self.cpu * _MAX_BATCH + 1)):  # set per job
+            _limit(res, soft, hard)
         if "uid" in self.layers:
             # threads and processes of this uid, machine-wide: the uid is this zygote's alone (claim_uid)
             resource.setrlimit(resource.RLIMIT_NPROC, (16, 16))
@@ -882,11 +887,6 @@ class _Zygote:
         _prctl(PR_SET_NO_NEW_PRIVS, 1)
         if "landlock" in self.layers:
             _landlock(self.landlock_abi, task_dir, self.read_dirs)
-
-    def confine_job(self, n):
-        """CPU time: timeout + 1 s per input, the backstop behind the wall clock (SIGXCPU is a `timeout`).
-        Then seccomp, which would refuse setrlimit."""
-        _limit(resource.RLIMIT_CPU, self.cpu * n, self.cpu * n + 1)
         if "seccomp" in self.layers:
             _seccomp(self.seccomp_prog)
 

@@ -288,6 +288,7 @@ _EXEC_CASES = [
             return n"""), "200"),
     ("fork_bomb", ("seccomp", "uid"), {"error", "timeout", "crash"}, None, "import os\ndef f(x):\n    while True:\n        os.fork()", "0"),
     ("raise_rlimit", ("seccomp", "uid", "nocaps"), {"error"}, None, "import resource\ndef f(x):\n    inf = resource.RLIM_INFINITY\n    resource.setrlimit(resource.RLIMIT_AS, (inf, inf))", "0"),
+    ("raise_cpu_limit", ("uid", "nocaps"), {"error"}, "ValueError", "import resource\ndef f(x):\n    inf = resource.RLIM_INFINITY\n    resource.setrlimit(resource.RLIMIT_CPU, (inf, inf))", "0"),
     ("kill_zygote", ("landlock", "seccomp", "uid"), {"error"}, "PermissionError", "import os, signal\ndef f(x):\n    os.kill(os.getppid(), signal.SIGKILL)", "0"),
     ("signal_trainer", ("landlock", "seccomp", "uid"), {"error"}, "PermissionError", "import os\ndef f(pid):\n    os.kill(pid, 0)", "{trainer_pid}"),
     ("kill_sibling", ("landlock", "seccomp", "uid"), {"error"}, "PermissionError", "import os, signal\ndef f(pid):\n    os.kill(pid, signal.SIGKILL)", "{sibling_pid}"),
