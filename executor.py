@@ -1259,6 +1259,8 @@ class _ZygoteProcess:
             self.stop()
             log.warning("executor: zygote %d refused to start: %s", self.index, self.hello["refused"])
             raise RuntimeError(f"executor zygote refused to start: {self.hello['refused']}")
+        if "mountns" in self.hello["layers"]:  # only the mount point of its root until pivot_root: remove it now,
+            os.rmdir(self.base_dir)            # so that even a trainer that dies leaves nothing on /dev/shm
         if not canonical and self.hello["clock"] != "offset":
             log.warning("executor: determinism zygote %d runs without a clock offset: %s", self.index,
                         self.hello["clock"])

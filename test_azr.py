@@ -690,6 +690,36 @@ def test_exec_uids_never_shared_by_live_zygotes(ex, ex_ns):
         os.close(fd)
 
 
+_EXEC_DIES = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from executor import Executor
+ex = Executor(workers=1, timeout=2.0)
+z = ex.slots[0].canonical
+ex.run("def f(x):\\n    open('a', 'w').write('x' * 1000)\\n    return x", "1")
+print(json.dumps({"base": z.base_dir, "pid": z.proc.pid, "layers": ex.layers}), flush=True)
+os._exit(0)  # no close(): a trainer killed
+"""
+
+
+def test_exec_trainer_that_dies_leaves_nothing():
+    """A trainer that dies without close(): its zygotes see EOF and exit (taking their tasks along), and with
+    a private root nothing of theirs stays on /dev/shm."""
+    out = subprocess.run([sys.executable, "-c", _EXEC_DIES, str(REPO)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    if "mountns" not in report["layers"]:
+        pytest.skip("without a private root the dead trainer's empty base dir stays (nobody is left to remove it)")
+    stat = Path(f"/proc/{report['pid']}/stat")
+    gone = lambda: not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # noqa: E731
+    for _ in range(300):
+        if gone():
+            break
+        select.select([], [], [], 0.01)
+    assert gone(), "the zygote outlived its trainer"
+    assert not Path(report["base"]).exists()
+
+
 def test_exec_root_without_uid_layer_needs_unsafe():
     """As root, tasks that cannot drop to an unprivileged uid would still own every root-owned file: the
     executor refuses unless told unsafe=True, with a one-line reason."""
