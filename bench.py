@@ -39,8 +39,10 @@ from executor import Executor, parse_args, parse_value, values_equal  # noqa: E4
 
 # --------------------------------------------------------------------------------------------------------------
 # bench.py executor
-# Executor benchmark (issue 2): executions/s and p50/p95 latency on the seed programs, side by side with
-# (a) a fresh `python -I -S -c` per task and (b) a bare fork+pipe floor, for 1 and N workers.
+# Executor benchmark (issues 2, 9): executions/s and p50/p95 latency on the seed programs, side by side with
+# (a) a fresh `python -I -S -c` per task and (b) a bare fork+pipe floor, for 1 and N workers; per-task
+# overhead on a trivial program (executor minus the floor, p50 and p95); and induction-shaped jobs (one
+# program, 10 inputs) with and without per-program batching.
 #
 # All three do the same work per task: run the seed program, call f on the stored input, send back the repr,
 # which the benchmark checks against the stored output (`ok` column). The floor is one `python -s -S` process
@@ -136,8 +138,45 @@ def _row(name, workers, wall, times, ok, n):
                 p95=q[18] * 1e3, ok=ok, n=n)
 
 
+_TRIVIAL = [("def f(x):\n    return x + 1", str(i), str(i + 1)) for i in range(300)]
+_INDUCTION = [(f"def f(x):\n    return [x, x * {k}]", [str(i) for i in range(10)]) for k in range(30)]
+
+
+def _overhead(executor_cls, workers, jobs=_TRIVIAL) -> dict:
+    """Per-task overhead on a trivial program: the executor's p50 and p95 (timed around `run`, in the trainer)
+    minus the bare fork floor's, measured back to back. `executor_cls`: any executor with this API (a
+    scratch script can pass another version's)."""
+    with executor_cls(workers=workers) as ex:
+        for program, inputs, _ in jobs[:20]:
+            ex.run(program, inputs)  # warm-up
+
+        def run(program, inputs, stored):
+            r = ex.run(program, inputs)
+            return r.status == "ok" and r.value == stored
+        _, times, ok = _threads(run, jobs, workers)
+    _floor(jobs[:20], workers)
+    _, floor_times, _ = _floor(jobs, workers)
+    p95 = lambda t: statistics.quantiles(t, n=20)[18] * 1e3  # noqa: E731
+    return dict(p50=(statistics.median(times) - statistics.median(floor_times)) * 1e3,
+                p95=p95(times) - p95(floor_times), ok=ok, n=len(jobs))
+
+
+def _induction(ex) -> dict:
+    """Induction-shaped jobs, programs/s: each program's 10 inputs in one task child (batched) vs one task
+    per input; `ok`: both give the same, correct results."""
+    t0 = time.perf_counter()
+    batched = ex.run_batch(_INDUCTION)
+    t1 = time.perf_counter()
+    single = ex.run_batch([(p, i) for p, xs in _INDUCTION for i in xs])
+    t2 = time.perf_counter()
+    flat = [r for rs in batched for r in rs]
+    ok = flat == single and all(r.value == repr([int(i), int(i) * k]) for k, (_, xs) in enumerate(_INDUCTION)
+                                for i, r in zip(xs, batched[k]))
+    return dict(batched=len(_INDUCTION) / (t1 - t0), single=len(_INDUCTION) / (t2 - t1), ok=ok)
+
+
 def _round(jobs, worker_counts, repeat):
-    rows = []
+    rows, extra = [], {}
     for workers in worker_counts:
         with Executor(workers=workers) as ex:
             layers = ", ".join(ex.layers) or "none"
@@ -148,11 +187,14 @@ def _round(jobs, worker_counts, repeat):
                 r = ex.run(program, inputs)
                 return r.status == "ok" and _matches(r.value, stored)
             rows.append(_row("executor (hardened)", workers, *_threads(run, jobs * repeat, workers), len(jobs) * repeat))
+            ex.run_batch(_INDUCTION[:2])  # warm-up
+            extra[workers] = _induction(ex)
+        extra[workers].update({"over_" + k: v for k, v in _overhead(Executor, workers).items()})
         _threads(_python_c, jobs[:5], workers)  # warm-up
         rows.append(_row("python -I -S -c", workers, *_threads(_python_c, jobs, workers), len(jobs)))
         _floor(jobs[:5], workers)  # warm-up
         rows.append(_row("bare fork+pipe floor", workers, *_floor(jobs * repeat, workers), len(jobs) * repeat))
-    return rows, layers
+    return rows, extra, layers
 
 
 def bench_executor(argv: list[str]) -> str:
@@ -170,10 +212,11 @@ def bench_executor(argv: list[str]) -> str:
             continue  # the executor would refuse it before running: not a fair timing for either side
         jobs.append((d["snippet"], d["input"], d["output"]))
     worker_counts = sorted({1, args.workers})
-    rounds, loads = [], [os.getloadavg()[0]]
+    rounds, extras, loads = [], [], [os.getloadavg()[0]]
     for _ in range(args.rounds):
-        rows, layers = _round(jobs, worker_counts, args.repeat)
+        rows, extra, layers = _round(jobs, worker_counts, args.repeat)
         rounds.append({(r["backend"], r["workers"]): r for r in rows})
+        extras.append(extra)
         loads.append(os.getloadavg()[0])
     med = lambda key, field: statistics.median(r[key][field] for r in rounds)  # noqa: E731
     head = "| backend | workers | exec/s | p50 ms | p95 ms | ok/n |\n|---|---|---|---|---|---|\n"
@@ -190,12 +233,23 @@ def bench_executor(argv: list[str]) -> str:
                   f"(rounds: {', '.join(f'{x:.1f}' for x in tput)}; target >= 10x); hardened p50 = "
                   f"{statistics.median(p50):.1f}x the fork floor (rounds: {', '.join(f'{x:.1f}' for x in p50)}; "
                   f"target <= 3x)\n")
+    emed = lambda w, k: statistics.median(e[w][k] for e in extras)  # noqa: E731
+    table2 = ("| workers | overhead p50 ms | overhead p95 ms | induction programs/s, batched | one task per input "
+              "| batching speedup | ok |\n|---|---|---|---|---|---|---|\n" + "".join(
+                  f"| {w} | {emed(w, 'over_p50'):.2f} | {emed(w, 'over_p95'):.2f} | {emed(w, 'batched'):.1f} "
+                  f"| {emed(w, 'single'):.1f} | {statistics.median(e[w]['batched'] / e[w]['single'] for e in extras):.1f}x "
+                  f"| {all(e[w]['ok'] and e[w]['over_ok'] == e[w]['over_n'] for e in extras)} |\n"
+                  for w in worker_counts))
     md = (f"### Executor ({datetime.date.today()}, {os.cpu_count()}-core {platform.machine()} "
           f"{platform.system()} {platform.release()}, Python {platform.python_version()}, layers: {layers})\n\n"
           f"{len(jobs)} seed programs from {SEED_FILE.name} (inputs that parse); per round {args.repeat} "
           f"passes for the executor and the floor, 1 for `python -I -S -c`; median of {args.rounds} rounds. "
           f"`ok`: the repr matches the stored output (first round). 1-minute load average before and after "
-          f"each round: {', '.join(f'{x:.2f}' for x in loads)}.\n\n{table}\n{lines}")
+          f"each round: {', '.join(f'{x:.2f}' for x in loads)}.\n\n{table}\n{lines}\n"
+          f"Per-task overhead: {len(_TRIVIAL)} runs of a trivial `f`, the executor's latency minus the fork "
+          f"floor's (p50, p95). Induction-shaped: {len(_INDUCTION)} programs x 10 inputs, as "
+          f"`run_batch([(program, [10 inputs])])` vs `run_batch` of one job per input. Medians of the rounds.\n\n"
+          f"{table2}")
     print(md)
     return md
 
