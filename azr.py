@@ -80,6 +80,7 @@ class Config:
     grad_checkpoint: bool = field(default=True, metadata=dict(help="recompute decoder blocks in backward to save memory"))
     exec_timeout: float = field(default=10.0, metadata=dict(help="executor wall-clock limit per program, seconds", gt=0))
     exec_workers: int = field(default=os.cpu_count() or 1, metadata=dict(help="executor worker processes", min=1))
+    exec_unsafe: bool = field(default=False, metadata=dict(help="let a root trainer run tasks as root without capabilities where the executor cannot give them an unprivileged uid (it refuses otherwise)"))
     max_output_chars: int = field(default=400, metadata=dict(help="proposals whose output repr is longer are invalid", min=1))
     buffer_cap: int = field(default=16384, metadata=dict(help="FIFO cap per task buffer", min=1))
     seed_file: str = field(default="", metadata=dict(help="upstream *_seed_io.jsonl; its *_code_f_ twin is read too if present"))
@@ -425,15 +426,11 @@ def parse_induction_proposal(text, n_inputs):
 
 
 def validate_proposals(executor, jobs):
-    """Rules 4-5 for many proposals at once. jobs: list of (program, [input, ...]). Returns per job the list of
-    output reprs, or None when any input fails to run, repeats differently under another hash seed, or is too long."""
-    flat = [(program, i) for program, inputs in jobs for i in inputs]
-    results, out, k = executor.run_batch(flat, check_determinism=True), [], 0
-    for _, inputs in jobs:
-        rs = results[k: k + len(inputs)]
-        k += len(inputs)
-        out.append([r.value for r in rs] if all(r.status == "ok" for r in rs) else None)
-    return out
+    """Rules 4-5 for many proposals at once. jobs: list of (program, [input, ...]); all inputs of one program run
+    in one sandboxed child (an induction proposal's 10). Returns per job the list of output reprs, or None when any
+    input fails to run, repeats differently in the second run, or is too long."""
+    return [[r.value for r in rs] if all(r.status == "ok" for r in rs) else None
+            for rs in executor.run_batch(jobs, check_determinism=True)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -475,17 +472,12 @@ def grade_answers(executor, kind_tasks_answers):
                 program = None
             if program is None:
                 continue
-            half = len(task["inputs"]) // 2
-            for i, o in zip(task["inputs"][half:], task["outputs"][half:]):
-                jobs.append((program, i))
-                owners.append((n, o))
-    results = executor.run_batch(jobs) if jobs else []
-    hits = {}
-    for (n, gold), r in zip(owners, results):
-        ok = r.status == "ok" and values_equal(parse_value(r.value), parse_value(gold))
-        hits[n] = hits.get(n, True) and ok
-    for n, ok in hits.items():
-        verdicts[n] = ok
+            half = len(task["inputs"]) // 2  # the hidden pairs, all in one sandboxed child
+            jobs.append((program, task["inputs"][half:]))
+            owners.append((n, task["outputs"][half:]))
+    for (n, gold), result in zip(owners, executor.run_batch(jobs) if jobs else []):
+        pairs = zip(result, gold) if isinstance(result, list) else [(result, gold)]
+        verdicts[n] = all(r.status == "ok" and values_equal(parse_value(r.value), parse_value(o)) for r, o in pairs)
     return verdicts
 
 
@@ -1198,6 +1190,7 @@ def eval_main(argv):
                    help="weights and compute (default: bf16 on cuda, fp32 on cpu; bf16 is about twice as fast on "
                         "CPUs with bf16 support)")
     p.add_argument("--exec-workers", type=int, default=os.cpu_count() or 1, help="executor worker processes")
+    p.add_argument("--exec-unsafe", action="store_true", help="as for training: see `azr.py --help`")
     args = p.parse_args(argv)
     for flag, value, least in (("--limit", args.limit, 0), ("--max-new-tokens", args.max_new_tokens, 1),
                                ("--exec-workers", args.exec_workers, 1)):
@@ -1209,12 +1202,12 @@ def eval_main(argv):
     read_jsonl(args.data, CRUXEVAL_FIELDS)  # a malformed file fails here, before the model loads
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     cfg = Config(model=args.model, device=args.device, temperature=0.0, max_response_tokens=args.max_new_tokens,
-                 exec_workers=args.exec_workers)
+                 exec_workers=args.exec_workers, exec_unsafe=args.exec_unsafe)
     model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
     policy = Policy(model, tokenizer, cfg, (0, 1))
     out = args.out or (Path(args.model).parent / "cruxeval_answers.jsonl" if Path(args.model).is_dir()
                        else f"{Path(args.model).name}_cruxeval_answers.jsonl")
-    with Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout, max_output_chars=cfg.max_output_chars) as executor:
+    with make_executor(cfg) as executor:
         scores = evaluate_cruxeval(policy, executor, args.data, args.limit, args.max_new_tokens, out)
     n = scores["cruxeval_items"]
     print(f"CRUXEval-O pass@1 {scores['cruxeval_o']:.4f} ({round(scores['cruxeval_o'] * n)}/{n})  "
@@ -1295,6 +1288,14 @@ def write_samples(run_dir, cfg):
     return log
 
 
+def make_executor(cfg):
+    try:
+        return Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout, max_output_chars=cfg.max_output_chars,
+                        unsafe=cfg.exec_unsafe)
+    except RuntimeError as e:  # e.g. root on a machine that refuses the private mount namespace the uid layer needs
+        raise SystemExit(f"error: {e} (azr.py: --exec-unsafe)")
+
+
 def step_line(step, metrics, cfg):
     """One line per step: rewards per task-role, then the health of the step (valid proposals, PPO clip
     fraction and the largest |log pi - log pi_old|, share of trained responses cut by the length limit, prompts
@@ -1324,8 +1325,7 @@ def train(cfg):
     optimizer = torch.optim.AdamW(policy.trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
-    executor = Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout,
-                        max_output_chars=cfg.max_output_chars) if rank0 else None
+    executor = make_executor(cfg) if rank0 else None
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
