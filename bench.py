@@ -257,10 +257,14 @@ def bench_executor(argv: list[str]) -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # bench.py sampler
-# bench sampler (issue 3): generated tokens/s of model.generate vs transformers' generate on the same weights,
-# prompts and settings, in one run. CPU: the `tiny` model. CUDA: a Qwen2.5-3B-shaped model with random bf16
-# weights, nano-vllm's protocol (256 prompts of 100-1,024 random tokens, 100-1,024 new tokens each, temperature
-# 0.6, no stop) and batch-1 greedy decode with the memory bandwidth it achieves (gpt-fast's metric).
+# bench sampler (issues 3, 10): generated tokens/s of model.Sampler vs transformers' generate on the same weights,
+# prompts and settings, in one run. protocol: nano-vllm's (CUDA: Qwen2.5-3B-shaped random bf16, 256 prompts of
+# 100-1,024 random tokens, 100-1,024 new tokens each, T=0.6, no stop; CPU: `tiny` at small sizes) and batch-1
+# greedy decode with the memory bandwidth it achieves (gpt-fast's metric). replay: the AZR-shaped workload (64
+# prompts, n=8, long-tailed responses up to 8,096 tokens) with the sampler's counters (keys read / needed in decode
+# attention, decoded rows / running sequences, peak concurrency for a fixed KV budget against the old slot-major
+# sizing at the paper's lengths). real: the replay scaled down (16 prompts, n=4, responses up to 256) on real
+# weights (--model or AZR_TEST_MODEL). sm90: the paged-decode kernels compiled for sm_90 without a GPU.
 
 PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100-SXM4-80GB": 2.04e12,
                   "A100-PCIE-40GB": 1.56e12, "A100": 1.94e12, "L40S": 0.864e12}
@@ -300,19 +304,32 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_ours(model, prompts, max_new, temperature, **kw):
-    sync(model.embed_tokens.weight.device)
+def kv_bytes_per_token(config, dtype) -> int:
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
+
+
+def pool_gib(config, dtype, blocks) -> float:
+    """kv_cache_gib that gives a Sampler exactly this many blocks."""
+    return blocks * M.BLOCK_SIZE * kv_bytes_per_token(config, dtype) / 2 ** 30
+
+
+def run_ours(sampler, prompts, max_new, temperature, n=1):
+    """Seconds, generated tokens and the counters of one call on a kept Sampler, as azr keeps one: graphs captured
+    by earlier calls are reused, new buckets are captured inside the timing."""
+    sync(sampler.device)
     t = time.perf_counter()
-    out = M.generate(model, prompts, max_new_tokens=max_new, temperature=temperature, seed=0, **kw)
-    sync(model.embed_tokens.weight.device)
-    return time.perf_counter() - t, sum(len(s.tokens) for s in out)
+    out = sampler.generate(prompts, n=n, max_new_tokens=max_new, temperature=temperature, seed=0)
+    sync(sampler.device)
+    return time.perf_counter() - t, sum(len(s.tokens) for s in out), dict(sampler.stats)
 
 
-def run_hf(hf, prompts, max_new, temperature, batch):
-    """Left-padded batches; transformers has one max_new_tokens per batch, so only the requested tokens count."""
-    device, t, useful = hf.device, 0.0, 0
+def run_hf(hf, prompts, max_new, temperature, batch, n=1):
+    """Left-padded batches of `batch` prompts with n return sequences each (max_new: one per sample); transformers
+    has one max_new_tokens per batch, so its rows run to the batch's longest and only the requested tokens count.
+    Also returns the prompt tokens it prefills (padding and the n copies included)."""
+    device, t, useful, prefilled = hf.device, 0.0, 0, 0
     for i in range(0, len(prompts), batch):
-        chunk, limits = prompts[i:i + batch], max_new[i:i + batch]
+        chunk, limits = prompts[i:i + batch], max_new[i * n:(i + batch) * n]
         width = max(map(len, chunk))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
@@ -322,11 +339,12 @@ def run_hf(hf, prompts, max_new, temperature, batch):
         t0 = time.perf_counter()
         with torch.inference_mode():
             hf.generate(ids, attention_mask=mask, max_new_tokens=max(limits), min_new_tokens=max(limits),
-                        pad_token_id=0, **sample)
+                        num_return_sequences=n, pad_token_id=0, **sample)
         sync(device)
         t += time.perf_counter() - t0
         useful += sum(limits)
-    return t, useful
+        prefilled += width * len(chunk) * n
+    return t, useful, prefilled
 
 
 def protocol(n_prompts, prompt_len, new_len, vocab, seed=0):
@@ -335,69 +353,233 @@ def protocol(n_prompts, prompt_len, new_len, vocab, seed=0):
     return prompts, [rng.randint(*new_len) for _ in range(n_prompts)]
 
 
+# AZR-shaped replay: prompts of 300-3,000 tokens (uniform), n samples each, response lengths log-normal with median
+# 700 and sigma 1 (mean ~1,150; 1.4% reach the cap), as the long tail of reasoning responses; the scaled-down
+# replay multiplies the lengths by cap / 8,096 (same shape). Lengths are per sample (max_new_tokens, no stop).
+REPLAY_MEDIAN, REPLAY_SIGMA, REPLAY_CAP = 700, 1.0, 8096
+PAPER_SLOT = 6144 + 8096 + M.SYNC_EVERY  # positions the old slot-major sampler reserved per sequence
+
+
+def replay(n_prompts, n, cap, vocab, seed=0):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(rng.randint(300, 3000))] for _ in range(n_prompts)]
+    scale = cap / REPLAY_CAP
+    lengths = [max(1, min(cap, round(scale * rng.lognormvariate(math.log(REPLAY_MEDIAN), REPLAY_SIGMA))))
+               for _ in range(n_prompts * n)]
+    return prompts, lengths
+
+
+def sampler_logprob_error(sampler, prompts, n, max_new, **kw):
+    """(mean, max) |logprob - full forward| over every token of one Sampler call at T=1, and its counters: the check
+    that decoded samples (graphs on CUDA, refills, bucket changes, preemption in a small pool, n > 1 sharing
+    blocks) match a plain causal forward of prompt + sample. bench.py gpu calls it."""
+    model, errors = sampler.model, []
+    samples = sampler.generate(prompts, n=n, max_new_tokens=max_new, temperature=1.0, seed=0, **kw)
+    with torch.inference_mode():
+        for k, s in enumerate(samples):
+            prompt = prompts[k // n]
+            logits = model.lm_head(model(torch.tensor([prompt + s.tokens], device=sampler.device)))
+            ref = logits[0, len(prompt) - 1:-1].double().log_softmax(-1).cpu()[torch.arange(len(s.tokens)), s.tokens]
+            errors.append((ref - torch.tensor(s.logprobs, dtype=torch.double)).abs())
+    errors = torch.cat(errors)
+    return errors.mean().item(), errors.max().item(), dict(sampler.stats)
+
+
 def best_of(repeats, fn):
     return min((fn() for _ in range(repeats)), key=lambda r: r[0])
 
 
-def throughput_rows(model, hf, prompts, max_new, temperature, hf_batch, repeats):
-    t_ours, n_ours = best_of(repeats, lambda: run_ours(model, prompts, max_new, temperature))
-    t_hf, n_hf = best_of(repeats, lambda: run_hf(hf, prompts, max_new, temperature, hf_batch))
-    assert n_ours == n_hf == sum(max_new)  # no stop: both produce exactly the requested tokens
-    return t_ours, t_hf, n_ours
-
-
 def decode_rate(fn, short, long, repeats):
-    """Seconds per token of steady decode: the difference of two runs cancels prefill and graph capture
-    (both lengths hit the same cache-length buckets)."""
-    (t1, _), (t2, _) = best_of(repeats, lambda: fn(short)), best_of(repeats, lambda: fn(long))
+    """Seconds per token of steady decode: the difference of two runs cancels prefill (graphs are captured by
+    the warm-up)."""
+    (t1, *_), (t2, *_) = best_of(repeats, lambda: fn(short)), best_of(repeats, lambda: fn(long))
     return (t2 - t1) / (long - short)
+
+
+def throughput_table(runs):
+    """runs: (label, seconds, tokens) with ours first; tokens/s and the ratio of ours to each other engine."""
+    rows = ["| engine | generated tokens | seconds | tokens/s |", "|---|---|---|---|"]
+    rows += [f"| {label} | {tok} | {t:.2f} | {tok / t:.0f} |" for label, t, tok in runs]
+    (_, t0, n0), *others = runs
+    rows += [""] + [f"**ratio: {(n0 / t0) / (tok / t):.2f}x** the tokens/s of {label}"
+                    for label, t, tok in others]
+    return rows
+
+
+def schedule_table(results):
+    """results: (label, counters, seconds, tokens) of replay runs of our sampler."""
+    rows = ["| run | tokens/s | keys read / needed | decoded rows / running | CUDA-graph rows / running | peak "
+            "running | preemptions | prefill tokens | graphs captured |", "|---|---|---|---|---|---|---|---|---|"]
+    for label, st, t, tok in results:
+        rows.append(f"| {label} | {tok / t:.0f} | {st['keys_read'] / st['keys_needed']:.3f} | "
+                    f"{st['decoded_rows'] / st['running_rows']:.3f} | {st['graph_rows'] / st['running_rows']:.3f} | "
+                    f"{st['peak_running']} | {st['preemptions']} | {st['prefill_tokens']} | {st['graphs_captured']} |")
+    return rows
+
+
+def bench_replay(model, hf, dtype, n_prompts, n, cap, budgets_gib, hf_prompts, hf_batch, vocab):
+    """The replay on our sampler at each KV budget (GiB of Qwen2.5-3B-sized KV: 36 KiB per token, so that the
+    old sampler's slot count at the paper's lengths applies), and on transformers for its first hf_prompts."""
+    prompts, lengths = replay(n_prompts, n, cap, vocab)
+    c, q3b = model.config, kv_bytes_per_token(qwen25_3b_config(), torch.bfloat16)
+    lines = [f"{n_prompts} prompts of 300-3000 tokens, n={n}, response lengths log-normal (median "
+             f"{REPLAY_MEDIAN * cap / REPLAY_CAP:.0f}, sigma {REPLAY_SIGMA}) capped at {cap}: mean "
+             f"{statistics.mean(lengths):.0f}, max {max(lengths)}, {sum(x == cap for x in lengths)} at the cap; "
+             f"T=1.0, no stop", ""]
+    # transformers first: on CUDA our default pool takes the memory that is free when it is made
+    t_hf, tok_hf, prefilled = run_hf(hf, prompts[:hf_prompts], lengths[:hf_prompts * n], 1.0, hf_batch, n)
+    del hf
+    results, budget_rows = [], []
+    for gib in budgets_gib:
+        blocks = int(gib * 2 ** 30 // (M.BLOCK_SIZE * q3b)) if gib else None
+        sampler = M.Sampler(model, kv_cache_gib=pool_gib(c, dtype, blocks) if blocks else None)
+        run_ours(sampler, prompts[:2], [8] * 4, 1.0, n=2)  # warm-up: kernels, allocator, the smallest graphs
+        t, tok, st = run_ours(sampler, prompts, lengths, 1.0, n=n)
+        label = f"{gib} GiB (3B-equivalent), {st['num_blocks']} blocks" if gib else \
+            f"default pool, {st['num_blocks']} blocks"
+        results.append((label, st, t, tok))
+        if gib:
+            slots = int(gib * 2 ** 30 // (PAPER_SLOT * q3b))
+            budget_rows.append(f"| {gib} GiB | {slots} | {st['peak_running']} | {st['peak_running'] / slots:.1f}x | "
+                               f"{st['preemptions']} |")
+        del sampler
+    lines += schedule_table(results)
+    if budget_rows:
+        lines += ["", f"Peak concurrency for a fixed KV budget (Qwen2.5-3B: {q3b // 1024} KiB per token): the old "
+                  f"slot-major sampler reserved prompt 6,144 + response 8,096 positions per sequence "
+                  f"({PAPER_SLOT * q3b / 2 ** 20:.0f} MiB); paged, as measured on the replay (at most "
+                  f"{min(n_prompts * n, M.MAX_BATCH)} sequences exist):", "",
+                  "| KV budget | slot-major slots | paged peak running | ratio | preemptions |",
+                  "|---|---|---|---|---|"]
+        lines += budget_rows
+    label, st, t, tok = results[0]
+    lines += ["", *throughput_table([(f"Sampler ({label}), all {n_prompts} prompts", t, tok),
+                                     (f"transformers generate (first {hf_prompts} prompts, batches of {hf_batch} "
+                                      f"x n={n}, left-padded)", t_hf, tok_hf)]),
+              f"\nprompt tokens prefilled for the first {hf_prompts} prompts: transformers {prefilled}, ours "
+              f"{sum(len(p) for p in prompts[:hf_prompts])} (each prompt once for its n samples)"]
+    return lines
+
+
+def sm90_build(shapes):
+    """Compile the paged-decode kernels ahead of time for sm_90 (no GPU needed): shared memory, registers and
+    spills per dtype and shape, as ptxas reports them."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from kernels import paged_attention as PA
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+    def build(fn, consts, dtypes, warps, stages):
+        names = list(fn.arg_names)
+        sig = {a: "constexpr" if a in consts else dtypes.get(a, "i32" if a.startswith("stride") else "fp32")
+               for a in names}
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in names if a.startswith("stride") or "ptr" in a}
+        k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(k.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([str(bin_dir / "cuobjdump"), "--dump-resource-usage", f.name],
+                                   capture_output=True, text=True).stdout
+        regs, stack = (int(usage.split(f"{key}:")[1].split()[0]) for key in ("REG", "STACK"))
+        return k.metadata.shared, regs, stack, "mma" in k.asm["ttgir"], "async_copy" in k.asm["ttgir"]
+
+    rows = [f"triton {triton.__version__}, target sm_90, num_warps 4", "",
+            "| kernel | dtype | heads / kv heads | head_dim | shared KiB | registers | spill (stack) bytes | "
+            "tensor cores (mma) | cp.async |", "|---|---|---|---|---|---|---|---|---|"]
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16"), (torch.float32, "fp32")):
+        for heads, kvh, dim in shapes:
+            c = PA.launch_constants(heads, dim, kvh, M.BLOCK_SIZE, dtype)
+            elem = {"q_ptr": f"*{name}", "k_ptr": f"*{name}", "v_ptr": f"*{name}", "table_ptr": "*i32",
+                    "len_ptr": "*i32", "o_ptr": "*fp32", "ml_ptr": "*fp32"}
+            split = build(PA._split_kernel, dict(c, UPCAST=False, PRECISION="ieee" if name == "fp32" else "tf32"),
+                          elem, 4, PA.NUM_STAGES)
+            merge = build(PA._merge_kernel, {k: c[k] for k in ("G", "BLOCK_G", "D", "BLOCK_D", "SPLIT")},
+                          {"o_ptr": "*fp32", "ml_ptr": "*fp32", "len_ptr": "*i32", "out_ptr": f"*{name}"}, 4, 1)
+            for kname, (smem, regs, stack, mma, cp) in (("split", split), ("merge", merge)):
+                rows.append(f"| {kname} | {name} | {heads}/{kvh} | {dim} | {smem / 1024:.1f} | {regs} | {stack} | "
+                            f"{'yes' if mma else 'no'} | {'yes' if cp else 'no'} |")
+    return rows
 
 
 def bench_sampler(argv: list[str]) -> str:
     ap = argparse.ArgumentParser(prog="bench.py sampler", description=__doc__)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--hf-batch", type=int, default=64, help="prompts per transformers generate call")
+    ap.add_argument("--hf-batch", type=int, default=64, help="prompts per transformers generate call (protocol)")
+    ap.add_argument("--model", default=os.environ.get("AZR_TEST_MODEL", ""),
+                    help="local Hugging Face directory for the scaled-down replay with real weights (CPU)")
+    ap.add_argument("--only", default="protocol,replay,real",
+                    help="comma list of parts: protocol, replay, real, sm90 (the ahead-of-time kernel build)")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    lines, repeats = [], 1 if device.type == "cuda" else 3
-    if device.type == "cpu":
+    device, parts = torch.device(args.device), set(args.only.split(","))
+    cuda, lines = device.type == "cuda", []
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, 1 thread, load {os.getloadavg()[0]:.2f}"
+    if not cuda:
         torch.set_num_threads(1)  # the shared 2-core VMs make multi-threaded timings of tiny ops erratic
-        model, _ = M.load_model("tiny")
-        prompts, max_new = protocol(32, (16, 64), (16, 64), 257)
-        title = "tiny (hidden 64, 2 layers), fp32, 32 prompts of 16-64 tokens, 16-64 new tokens, T=0.6"
-    else:
-        model = random_model(qwen25_3b_config(), device, torch.bfloat16)
-        prompts, max_new = protocol(256, (100, 1024), (100, 1024), 10000)
-        title = "Qwen2.5-3B-shaped random bf16, 256 prompts of 100-1024 tokens, 100-1024 new tokens, T=0.6"
-    hf = hf_twin(model)
-    run_ours(model, prompts[:2], [4, 4], 0.6)  # warm-up: kernels, allocator
-    t_ours, t_hf, n = throughput_rows(model, hf, prompts, max_new, 0.6, args.hf_batch, repeats)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU, 1 thread, best of 3"
-    lines += [f"### sampler throughput, {name}, {time.strftime('%Y-%m-%d')}", "", title, "",
-              "| engine | generated tokens | seconds | tokens/s |", "|---|---|---|---|",
-              f"| model.generate | {n} | {t_ours:.2f} | {n / t_ours:.0f} |",
-              f"| transformers generate (batches of {args.hf_batch}) | {n} | {t_hf:.2f} | {n / t_hf:.0f} |",
-              "", f"**ratio: {t_hf / t_ours:.1f}x** transformers' throughput", ""]
-    # batch-1 greedy decode from a 5-token prompt, as gpt-fast measures it
-    prompt = [prompts[0][:5]]
-    ours = decode_rate(lambda m: run_ours(model, prompt, [m], 0.0, max_batch_size=1), 600, 1000, repeats)
-    theirs = decode_rate(lambda m: run_hf(hf, prompt, [m], 0.0, 1), 600, 1000, repeats)
-    params = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
-    if not model.config.tie_word_embeddings:
-        params -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()  # only 1 row read
-    c = model.config
-    kv = 2 * c.num_layers * c.num_kv_heads * c.head_dim * model.embed_tokens.weight.element_size() * 805  # mean ctx
-    peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None) if device.type == "cuda" else None
-    lines += ["| batch-1 decode | tokens/s | achieved bandwidth | of peak |", "|---|---|---|---|"]
-    for label, spt in (("model.generate", ours), ("transformers generate", theirs)):
-        bw = (params + kv) / spt
-        lines.append(f"| {label} | {1 / spt:.0f} | {bw / 1e9:.3g} GB/s | "
-                     f"{f'{bw / peak:.0%}' if peak else 'n/a'} |")
-    lines.append(f"\nbatch-1 ratio: {theirs / ours:.1f}x; bytes per step = weights + KV at the mean context")
+    if "protocol" in parts:
+        repeats = 1 if cuda else 3
+        if cuda:  # nano-vllm's protocol
+            model = random_model(qwen25_3b_config(), device, torch.bfloat16)
+            prompts, max_new = protocol(256, (100, 1024), (100, 1024), 10000)
+            title = "Qwen2.5-3B-shaped random bf16, 256 prompts of 100-1024 tokens, 100-1024 new tokens, T=0.6"
+        else:
+            model, _ = M.load_model("tiny")
+            prompts, max_new = protocol(32, (16, 64), (16, 64), 257)
+            title = "tiny (hidden 64, 2 layers), fp32, 32 prompts of 16-64 tokens, 16-64 new tokens, T=0.6"
+        hf, prompt = hf_twin(model), [prompts[0][:5]]  # batch 1: greedy from a 5-token prompt, as gpt-fast
+        t_hf, n_hf, _ = best_of(repeats, lambda: run_hf(hf, prompts, max_new, 0.6, args.hf_batch))
+        theirs = decode_rate(lambda m: run_hf(hf, prompt, [m], 0.0, 1), 600, 1000, repeats)
+        del hf  # before our default pool takes the free memory
+        sampler = M.Sampler(model)
+        run_ours(sampler, prompts, max_new, 0.6)  # warm-up: kernels and every graph bucket (nano-vllm excludes capture)
+        t_ours, n_ours, _ = best_of(repeats, lambda: run_ours(sampler, prompts, max_new, 0.6))
+        assert n_ours == n_hf == sum(max_new)  # no stop: both produce exactly the requested tokens
+        lines += [f"### sampler throughput, {name}, {time.strftime('%Y-%m-%d')}", "", title, "",
+                  *throughput_table([("Sampler.generate (graphs captured by a warm-up call)", t_ours, n_ours),
+                                     (f"transformers generate (batches of {args.hf_batch})", t_hf, n_hf)]), ""]
+        del sampler
+        dtype = model.embed_tokens.weight.dtype
+        one = M.Sampler(model, kv_cache_gib=pool_gib(model.config, dtype, 8), max_batch_size=1)
+        run_ours(one, prompt, [1000], 0.0)
+        ours = decode_rate(lambda m: run_ours(one, prompt, [m], 0.0), 600, 1000, repeats)
+        params = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+        if not model.config.tie_word_embeddings:
+            params -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()  # 1 row read
+        kv = kv_bytes_per_token(model.config, dtype) * 805  # at the mean context
+        peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None) if cuda else None
+        lines += ["| batch-1 decode | tokens/s | achieved bandwidth | of peak |", "|---|---|---|---|"]
+        for label, spt in (("Sampler.generate", ours), ("transformers generate", theirs)):
+            bw = (params + kv) / spt
+            lines.append(f"| {label} | {1 / spt:.0f} | {bw / 1e9:.3g} GB/s | {f'{bw / peak:.0%}' if peak else 'n/a'} |")
+        lines += [f"\nbatch-1 ratio: {theirs / ours:.1f}x; bytes per step = weights + KV at the mean context", ""]
+        del model, one
+    if "replay" in parts:  # full size: 64 prompts, n=8, up to 8,096 tokens; pools in GiB of 3B-sized KV (0: default)
+        if cuda:
+            model = random_model(qwen25_3b_config(), device, torch.bfloat16)
+            title, budgets, hf_prompts = "Qwen2.5-3B-shaped random bf16", [0, 4, 16], 8
+        else:  # one layer, one kv head: the schedule is the model's, the KV traffic of a CPU run stays small
+            config = M.ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2,
+                                   num_kv_heads=1, head_dim=32, rope_theta=1e6, qkv_bias=True,
+                                   tie_word_embeddings=True)
+            model = random_model(config, device, torch.float32)
+            title, budgets, hf_prompts = "small random model (1 layer, 2 heads, 1 kv head, fp32)", [4, 16], 4
+        lines += [f"### AZR replay, {title}, {name}, {time.strftime('%Y-%m-%d')}", "",
+                  *bench_replay(model, hf_twin(model), model.embed_tokens.weight.dtype, 64, 8, REPLAY_CAP,
+                                budgets, hf_prompts, 4, model.config.vocab_size), ""]
+        del model
+    if "real" in parts and not cuda and args.model:  # scaled down, real weights (bf16: AMX makes CPU bf16 4x fp32)
+        model, tok = M.load_model(args.model, dtype=torch.bfloat16)
+        lines += [f"### AZR replay scaled down, {Path(args.model).name} (bf16), {name}, {time.strftime('%Y-%m-%d')}",
+                  "", *bench_replay(model.eval(), hf_twin(model), torch.bfloat16, 16, 4, 256, [0], 16, 4, len(tok)),
+                  ""]
+        del model
+    if "sm90" in parts:
+        lines += ["### paged-decode kernels built for sm_90 (no GPU: triton.compile + cuobjdump)", "",
+                  *sm90_build([(16, 2, 128), (14, 2, 64), (2, 2, 128)]), ""]
     report = "\n".join(lines)
     print(report)
     return report
-
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
-"""Fused LM head -> per-token log-probability and entropy (SPEC: policy log-probabilities of response tokens).
+"""Fused LM head -> per-token log-probability and entropy (SPEC: policy log-probabilities of response tokens), and
+paged decode attention for the sampler.
 
 linear_logprobs runs the Triton kernels (kernels/fused_logprobs.py) on CUDA tensors and the chunked PyTorch
-reference (kernels/reference.py) elsewhere, so a CPU run never touches the slow Triton interpreter.
+reference (kernels/reference.py) elsewhere, so a CPU run never touches the slow Triton interpreter; paged_decode
+does the same with kernels/paged_attention.py and kernels/paged_reference.py.
 """
 import torch
 
-from . import fused_logprobs, reference
+from . import fused_logprobs, paged_attention, paged_reference, reference
 
 
 def linear_logprobs(hidden, weight, targets, temperature=1.0, vocab_size=None):
@@ -37,3 +39,16 @@ def linear_logprobs(hidden, weight, targets, temperature=1.0, vocab_size=None):
         raise ValueError(f"linear_logprobs: targets must lie in [0, {vocab_size}), got "
                          f"[{int(targets.min())}, {int(targets.max())}]; mask padding before the call")
     return reference.linear_logprobs_reference(hidden, weight, targets, temperature, vocab_size)
+
+
+def paged_decode(q, k_pool, v_pool, block_table, lengths, max_length):
+    """Attention of one new query per sequence over its own KV blocks: out [B, H, D] in q's dtype.
+
+    q [B, H, D]; k_pool, v_pool [num_blocks, block_size, kv_heads, D]; block_table [B, W] int32 (block of
+    position t of sequence b: block_table[b, t // block_size]); lengths [B] int32 in [1, max_length] (keys per
+    sequence, the new one included); max_length an int bound on lengths that fixes the launch shape, so that a
+    CUDA graph can hold the call. No checks here: the sampler calls it in every layer of every decode step.
+    """
+    if q.is_cuda:
+        return paged_attention.paged_attention_triton(q, k_pool, v_pool, block_table, lengths, max_length)
+    return paged_reference.paged_attention_reference(q, k_pool, v_pool, block_table, lengths)
