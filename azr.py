@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from executor import Executor, parse_args, parse_value, values_equal
 from kernels import linear_logprobs
-from model import Transformer, empty_model, generate, load_model, save_model
+from model import Sampler, Transformer, empty_model, load_model, save_model
 
 KINDS = ("deduction", "abduction", "induction")
 
@@ -94,6 +94,7 @@ class Config:
     eval_data: str = field(default="", metadata=dict(help="cruxeval.jsonl for --eval-every"))
     eval_limit: int = field(default=0, metadata=dict(help="evaluate on the first N items only (0: all)", min=0))
     log_samples: int = field(default=2, metadata=dict(help="proposer and solver samples per task-role written to samples.txt each step", min=0))
+    kv_cache_gib: float = field(default=0.0, metadata=dict(help="sampler KV block pool per GPU, GiB (0: the free memory after loading, less an estimate of what the update needs)", min=0))
     peak_tflops: float = field(default=0.0, metadata=dict(help="accelerator bf16 peak for MFU (0: guess from the device name)", min=0))
     dist_timeout: float = field(default=120.0, metadata=dict(help="minutes a rank may wait in a collective under torchrun (rank 0 alone writes checkpoints and runs the executor)", gt=0))
 
@@ -738,9 +739,11 @@ class Policy:
     module. On the CPU the sampler runs on the trained fp32 weights themselves. On GPUs it runs on a bf16 copy
     (the master weights are fp32) refreshed in place after every update; under torchrun each rank gathers that
     copy from the FSDP2 shards and samples its share of the prompts (sampling ranks run out of lockstep, FSDP
-    forwards cannot)."""
+    forwards cannot). One model.Sampler lives as long as the policy: its KV block pool is allocated once, sized
+    to leave room for the update (trainer_reserve_gib) unless --kv-cache-gib says, and its CUDA graphs stay valid
+    because the copy is refreshed in place."""
 
-    def __init__(self, model, tokenizer, cfg, world):
+    def __init__(self, model, tokenizer, cfg, world, trains=True):
         self.tokenizer, self.cfg, self.rank, self.size = tokenizer, cfg, *world
         self.stop_ids = stop_token_ids(tokenizer, model.config)
         self.trainable = TokenLogprobs(model, len(tokenizer))
@@ -749,19 +752,21 @@ class Policy:
             shard_model(self.trainable, model)
         dtype = model.embed_tokens.weight.dtype
         sample_dtype = torch.bfloat16 if device.type == "cuda" else dtype
-        self.sampler = model
+        self.sampling_model = model
         if self.size > 1 or dtype != sample_dtype:  # shards, or fp32 master weights on a GPU
-            self.sampler = empty_model(model.config, device, sample_dtype)
-            self.sampler.requires_grad_(False)
+            self.sampling_model = empty_model(model.config, device, sample_dtype)
+            self.sampling_model.requires_grad_(False)
             self.refresh_sampler()
+        self.sampler = Sampler(self.sampling_model, kv_cache_gib=cfg.kv_cache_gib or None,
+                               reserve_gib=trainer_reserve_gib(model, cfg, self.size) if trains else 0.0)
 
     @torch.no_grad()
     def refresh_sampler(self):
         """Copy the updated weights into the sampling copy, one tensor at a time (a full gather of every tensor
         at once would not fit next to the shards for large models)."""
-        if self.sampler is self.trainable.model:
+        if self.sampling_model is self.trainable.model:
             return
-        dst = self.sampler.state_dict()
+        dst = self.sampling_model.state_dict()
         for k, v in self.trainable.model.state_dict().items():
             dst[k].copy_(v.full_tensor() if hasattr(v, "full_tensor") else v)
 
@@ -774,10 +779,13 @@ class Policy:
         cfg = self.cfg
         temperature = cfg.temperature if temperature is None else temperature
         mine = list(range(self.rank, len(prompts), self.size))
-        samples = [] if not mine else generate(
-            self.sampler, [prompts[i] for i in mine], n=n, max_new_tokens=max_new_tokens or cfg.max_response_tokens,
+        # The answer ends at </answer>, but only after </think>: the R1 instruction itself says "<answer> </answer>"
+        # and models repeat it while thinking.
+        samples = [] if not mine else self.sampler.generate(
+            [prompts[i] for i in mine], n=n, max_new_tokens=max_new_tokens or cfg.max_response_tokens,
             temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0, stop_token_ids=self.stop_ids,
-            stop_strings=["</answer>"], tokenizer=self.tokenizer, seed=(cfg.seed * 1_000_003 + seed) * 64 + self.rank,
+            stop_strings=["</answer>"], stop_after="</think>", tokenizer=self.tokenizer,
+            seed=(cfg.seed * 1_000_003 + seed) * 64 + self.rank,
             progress=self.rank == 0 and (len(prompts) * n >= 64 if progress is None else progress))
         out = [(i, j, s) for k, i in enumerate(mine) for j, s in enumerate(samples[k * n:(k + 1) * n])]
         if self.size > 1:
@@ -785,6 +793,19 @@ class Policy:
             dist.all_gather_object(parts, out)
             out = sorted((x for part in parts for x in part), key=lambda x: (x[0], x[1]))
         return [(s, self.tokenizer.decode(s.tokens, skip_special_tokens=True)) for _, _, s in out]
+
+
+def trainer_reserve_gib(model, cfg, size):
+    """GPU memory the update will take beyond what exists when the sampler's pool is sized (before the first
+    step): fp32 gradients and AdamW's two moments (12 bytes per parameter of this rank's shard), the activations
+    of one --micro-batch-tokens micro-batch (checkpointed blocks keep only their fp32 inputs; one block at a time is
+    recomputed, its activations and their gradients), the fused kernel's logit-gradient chunk, and 2 GiB of slack
+    for the allocator. An estimate: --kv-cache-gib overrides the pool size it leads to."""
+    c, T = model.config, cfg.micro_batch_tokens
+    block = T * (8 * c.hidden_size + 3 * c.intermediate_size) * 4 * 2
+    stored = T * c.hidden_size * 4 * c.num_layers if cfg.grad_checkpoint else block * c.num_layers
+    total = 12 * sum(p.numel() for p in model.parameters()) / size + stored + block + 2 ** 28 + 2 * 2 ** 30
+    return total / 2 ** 30
 
 
 def stop_token_ids(tokenizer, config):
@@ -1204,7 +1225,7 @@ def eval_main(argv):
     cfg = Config(model=args.model, device=args.device, temperature=0.0, max_response_tokens=args.max_new_tokens,
                  exec_workers=args.exec_workers, exec_unsafe=args.exec_unsafe)
     model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
-    policy = Policy(model, tokenizer, cfg, (0, 1))
+    policy = Policy(model, tokenizer, cfg, (0, 1), trains=False)
     out = args.out or (Path(args.model).parent / "cruxeval_answers.jsonl" if Path(args.model).is_dir()
                        else f"{Path(args.model).name}_cruxeval_answers.jsonl")
     with make_executor(cfg) as executor:
