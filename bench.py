@@ -824,6 +824,182 @@ def check_kernel(dry):
     return verdicts, "\n".join(rows), figures
 
 
+def check_paged_attention(dry):
+    """The Triton paged decode kernel against its PyTorch reference and against SDPA over each sequence's gathered
+    keys (fp32), on ragged lengths up to 8k in shuffled blocks at Qwen2.5-3B's head shape; then its time beside the
+    masked SDPA over a batch padded to its longest sequence (what the slot-major sampler ran)."""
+    from kernels import paged_attention, paged_reference
+    device, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
+    B, H, kvh, D, page = (3, 4, 2, 16, 16) if dry else (64, 16, 2, 128, M.BLOCK_SIZE)
+    g = torch.Generator().manual_seed(0)
+    lengths = [1, page, 2 * page + 3] if dry else [int(2 ** (13 * torch.rand(1, generator=g).item())) for _ in range(B)]
+    width = max(-(-n // page) for n in lengths)
+    blocks = torch.randperm(B * width, generator=g)  # each sequence's blocks scattered over the pool
+    table = blocks.view(B, width).int()
+    k_pool, v_pool = (torch.randn(B * width, page, kvh, D, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    q = torch.randn(B, H, D, generator=g).to(device=device, dtype=dtype)
+    lens, table = torch.tensor(lengths, dtype=torch.int32, device=device), table.to(device)
+    got = paged_attention.paged_attention_triton(q, k_pool, v_pool, table, lens, max(lengths))
+    ref = paged_reference.paged_attention_reference(q, k_pool, v_pool, table, lens)
+    sdpa = []
+    for b, n in enumerate(lengths):  # independent: gather the sequence's keys in order, then plain attention
+        rows = table[b, :-(-n // page)].long()
+        k, v = (pool[rows].reshape(-1, kvh, D)[:n].float().transpose(0, 1) for pool in (k_pool, v_pool))
+        sdpa.append(torch.nn.functional.scaled_dot_product_attention(q[b].float().view(kvh, H // kvh, D), k, v)
+                    .reshape(H, D))
+    sdpa = torch.stack(sdpa)
+    e_ref, e_sdpa = _rel_err(got.float(), ref.float()), _rel_err(got.float(), sdpa)
+    limit = 1e-4 if dtype == torch.float32 else 2e-2
+    verdicts = [("paged_attention", e_ref < limit and e_sdpa < limit,
+                 f"B={B} H={H}/{kvh} D={D} block {page} {str(dtype)[6:]}, lengths {min(lengths)}-{max(lengths)}: "
+                 f"rel err vs reference {e_ref:.1e}, vs SDPA on gathered keys {e_sdpa:.1e}")]
+    if dry:
+        return verdicts, "", dict(err_reference=e_ref, err_sdpa=e_sdpa)
+    L = max(lengths)
+    kc, vc = (torch.randn(B, kvh, L, D, device=device, dtype=dtype) for _ in range(2))
+    mask = (torch.arange(L, device=device) < lens[:, None])[:, None, None]
+    qg = q.view(B, kvh, H // kvh, D)
+
+    def timed(fn, repeats=20):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / repeats * 1e3
+    ms_paged = timed(lambda: paged_attention.paged_attention_triton(q, k_pool, v_pool, table, lens, L))
+    ms_padded = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask))
+    needed = 2 * sum(lengths) * kvh * D * dtype.itemsize
+    rows = ["| decode attention, one layer | ms | GB/s of needed K/V |", "|---|---|---|",
+            f"| paged Triton kernel | {ms_paged:.3f} | {needed / ms_paged / 1e6:.0f} |",
+            f"| masked SDPA, batch padded to {L} keys | {ms_padded:.3f} | {needed / ms_padded / 1e6:.0f} |"]
+    return verdicts, "\n".join(rows), dict(ms_paged=ms_paged, ms_padded=ms_padded, needed_bytes=needed)
+
+
+def check_sampler(dry):
+    """Logprobs of decoded samples (graphs on CUDA, refills, bucket changes, preemption in a small pool, n > 1
+    sharing prompt blocks) against a full forward of prompt + sample, on a random model with weights large enough
+    that attention is not flat; then batch-1 decode bandwidth on a Qwen2.5-3B-shaped model against the measured
+    copy bandwidth of this device."""
+    device = torch.device("cpu" if dry else "cuda")
+    dtype = torch.float32 if dry else torch.bfloat16
+    config = M.ModelConfig(vocab_size=1024, hidden_size=128 if dry else 1024, intermediate_size=256 if dry else 2816,
+                           num_layers=2 if dry else 4, num_heads=4 if dry else 16, num_kv_heads=2,
+                           head_dim=32 if dry else 64, rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True)
+    model = random_model(config, device, dtype, std=0.1)
+    g = random.Random(0)
+    prompts = [[g.randrange(1024) for _ in range(g.randint(5, 40 if dry else 700))] for _ in range(6 if dry else 24)]
+    limits = [g.randint(4, 24 if dry else 600) for _ in prompts]
+    per_block = M.BLOCK_SIZE * kv_bytes_per_token(config, dtype) / 2 ** 30
+    # a pool of a few blocks per running sequence and a small batch cap: refills, bucket changes and preemptions
+    page = 16 if dry else M.BLOCK_SIZE
+    per_block *= page / M.BLOCK_SIZE
+    sampler = M.Sampler(model, kv_cache_gib=per_block * (6 if dry else 24), block_size=page,
+                        max_batch_size=4 if dry else 16)
+    mean_err, max_err, stats = sampler_logprob_error(sampler, prompts, 2, limits)
+    limit = (1e-4, 1e-3) if dry else (0.05, 1.0)
+    verdicts = [("sampler", mean_err < limit[0] and max_err < limit[1] and stats["blocks_in_use"] == 0,
+                 f"|logprob - full forward| mean {mean_err:.2e} max {max_err:.2e} over {len(prompts)} prompts x n=2 "
+                 f"({stats['preemptions']} preemptions, {stats.get('graphs_captured', 0)} graphs, "
+                 f"{stats['blocks_in_use']} blocks left in use)")]
+    del sampler, model
+    if dry:
+        return verdicts, "", dict(mean_err=mean_err, max_err=max_err, stats=stats)
+    torch.cuda.empty_cache()
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    copy_bw = 2 * 2 ** 30 * 10 / (time.perf_counter() - t)  # each copy reads and writes the GiB
+    del x, y
+    model = random_model(qwen25_3b_config(), device, torch.bfloat16)
+    one = M.Sampler(model, kv_cache_gib=pool_gib(model.config, torch.bfloat16, 8), max_batch_size=1)
+    prompt = [[1, 2, 3, 4, 5]]
+    run_ours(one, prompt, [1000], 0.0)  # warm-up: every graph bucket of the timed runs
+    spt = decode_rate(lambda m: run_ours(one, prompt, [m], 0.0), 600, 1000, 1)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = (weights + kv_bytes_per_token(model.config, torch.bfloat16) * 805) / spt
+    rows = ["| batch-1 greedy decode, Qwen2.5-3B-shaped bf16 | tokens/s | bandwidth | of copy bandwidth |",
+            "|---|---|---|---|", f"| Sampler.generate | {1 / spt:.0f} | {bw / 1e9:.0f} GB/s | {bw / copy_bw:.0%} |",
+            f"\nmeasured device copy bandwidth {copy_bw / 1e9:.0f} GB/s (1 GiB read + written)"]
+    return verdicts, "\n".join(rows), dict(mean_err=mean_err, max_err=max_err, tokens_per_s=1 / spt,
+                                           bandwidth=bw, copy_bandwidth=copy_bw)
+
+
+def check_memory(dry):
+    """The order a self-play run takes, on the real path: azr.Policy (fp32 master weights, bf16 sampling copy, one
+    Sampler whose pool leaves trainer_reserve_gib) generates, policy_update allocates gradients and AdamW state,
+    then generate and update again. The predicted failure was an OOM at the second generate (gpu-review.md 1)."""
+    import azr
+    device = "cpu" if dry else "cuda"
+    cfg = azr.Config(model="random", device=device, micro_batch_tokens=512 if dry else 16384)
+    shape = M.tiny_config() if dry else qwen25_3b_config()
+    model = random_model(shape, torch.device(device), torch.float32).train()
+    for block in model.layers:
+        block.checkpointing = True
+    tok = M.byte_tokenizer()
+    policy = azr.Policy(model, tok, cfg, (0, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    g = random.Random(0)
+    prompts = [[g.randrange(256) for _ in range(g.randint(50, 100 if dry else 1500))] for _ in range(8 if dry else 256)]
+    phases = []
+    try:
+        for phase in range(2):
+            outs = policy.sample(prompts, n=1, seed=phase, max_new_tokens=16 if dry else 512)
+            phases.append(f"generate {phase + 1}")
+            rollouts = [azr.Rollout("solve_x", p, s.tokens, s.logprobs, advantage=g.uniform(-1, 1))
+                        for p, (s, _) in zip(prompts[:len(prompts) // 4], outs)]
+            azr.policy_update(policy.trainable, optimizer, rollouts, cfg)
+            policy.refresh_sampler()
+            phases.append(f"update {phase + 1}")
+        ok, failure = True, ""
+    except torch.OutOfMemoryError as e:
+        ok, failure = False, f"; OOM after {', '.join(phases) or 'nothing'}: {str(e).splitlines()[0][:200]}"
+    pool = policy.sampler.stats.get("num_blocks", 0) * policy.sampler.block_bytes / 2 ** 30
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if not dry else 0.0
+    total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if not dry else 0.0
+    detail = (f"{'tiny' if dry else 'Qwen2.5-3B-shaped'} fp32 + bf16 copy: KV pool {pool:.1f} GiB, reserve "
+              f"{azr.trainer_reserve_gib(model, cfg, 1):.1f} GiB, peak allocated {peak:.1f} of {total:.0f} GiB{failure}")
+    return [("memory", ok, detail)], "", dict(pool_gib=pool, peak_gib=peak, phases=phases)
+
+
+def check_throughput(dry):
+    """Tokens/s of the kept Sampler against transformers' generate in the same run, Qwen2.5-3B-shaped random bf16:
+    nano-vllm's protocol (256 prompts of 100-1,024 tokens, 100-1,024 new, T=0.6; transformers on the first 64) and
+    the AZR replay scaled to responses of at most 2,048 tokens (transformers on the first 4 prompts x n=8)."""
+    device = torch.device("cpu" if dry else "cuda")
+    if dry:
+        model, _ = M.load_model("tiny")
+        prompts, max_new = protocol(8, (16, 32), (8, 16), 257)
+        hf_prompts = 4
+    else:
+        model = random_model(qwen25_3b_config(), device, torch.bfloat16)
+        prompts, max_new = protocol(256, (100, 1024), (100, 1024), 10000)
+        hf_prompts = 64
+    hf = hf_twin(model)
+    t_hf, n_hf, _ = run_hf(hf, prompts[:hf_prompts], max_new[:hf_prompts], 0.6, hf_prompts)
+    del hf
+    sampler = M.Sampler(model)
+    run_ours(sampler, prompts, max_new, 0.6)  # warm-up: capture every graph bucket, as nano-vllm excludes capture
+    t_ours, n_ours, _ = run_ours(sampler, prompts, max_new, 0.6)
+    del sampler
+    ratio = (n_ours / t_ours) / (n_hf / t_hf)
+    lines = ["nano-vllm protocol:", "", *throughput_table([
+        (f"Sampler.generate, all {len(prompts)} prompts (graphs captured by a warm-up call)", t_ours, n_ours),
+        (f"transformers generate, first {hf_prompts} prompts in one batch", t_hf, n_hf)]), "", "AZR replay:", "",
+        *bench_replay(model, hf_twin(model), model.embed_tokens.weight.dtype, 8 if dry else 64, 2 if dry else 8,
+                      64 if dry else 2048, [0], 2 if dry else 4, 4, model.config.vocab_size)]
+    # the verdict is that the protocol ran as specified (no stop: exactly the requested tokens); the ratio is a figure
+    return [("throughput", n_ours == sum(max_new) and n_hf == sum(max_new[:hf_prompts]),
+             f"nano-vllm protocol: {n_ours / t_ours:.0f} tokens/s, {ratio:.1f}x transformers' {n_hf / t_hf:.0f}")], \
+        "\n".join(lines), dict(ours=n_ours / t_ours, hf=n_hf / t_hf)
+
+
 def check_train_attention(dry):
     """Decoder gradients through the training path (TokenLogprobs: the decoder's causal SDPA and the logprob
     kernel) in fp32 with whatever SDPA backend the build picks, and under bf16 autocast as azr trains, against fp32
@@ -930,8 +1106,12 @@ def _peak_flops(device):
     return next((tf * 1e12 for key, tf in (("H200", 989), ("H100", 989), ("A100", 312)) if key in name), 0.0)
 
 
-# name -> (check, seconds it may take on the GPU, compilation included); the caps sum to under 8 minutes
-GPU_CHECKS = dict(kernel=(check_kernel, 90), train_attention=(check_train_attention, 45), step=(check_step, 150))
+# name -> (check, seconds it may take on the GPU, compilation included), most telling first; a check also stops
+# at the 8-minute deadline of the whole run (GPU_DEADLINE_S), so a slow one cannot starve the rest for long
+GPU_CHECKS = dict(kernel=(check_kernel, 90), paged_attention=(check_paged_attention, 45),
+                  sampler=(check_sampler, 90), memory=(check_memory, 90), step=(check_step, 150),
+                  train_attention=(check_train_attention, 45), throughput=(check_throughput, 200))
+GPU_DEADLINE_S = 470
 
 
 def _gpu_check_child(name, dry, result_path):
@@ -969,7 +1149,12 @@ def bench_gpu(argv):
     env = dict(os.environ, TRITON_INTERPRET="1") if dry else dict(os.environ)
     verdict_lines, sections, figures, t_start = [], [], {}, time.monotonic()
     for name in names:
-        cap = GPU_CHECKS[name][1] * (3 if dry else 1)
+        cap = GPU_CHECKS[name][1] * 3 if dry else min(GPU_CHECKS[name][1], GPU_DEADLINE_S - (time.monotonic() - t_start))
+        if cap < 10:
+            lines = [f"VERDICT {name} FAIL not run: the 8-minute budget was spent"]
+            print(lines[0], flush=True)
+            verdict_lines += lines
+            continue
         result = Path(tempfile.mkdtemp(prefix="azr-gpu-")) / "result.json"
         cmd = [sys.executable, str(REPO / "bench.py"), "gpu", "--child", name, str(result)] + (["--cpu-dry-run"] if dry else [])
         t0 = time.monotonic()
