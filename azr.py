@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from executor import Executor, parse_args, parse_value, values_equal
 from kernels import linear_logprobs
-from model import Transformer, empty_model, generate, load_model, save_model
+from model import Sampler, Transformer, empty_model, load_model, save_model
 
 KINDS = ("deduction", "abduction", "induction")
 
@@ -54,7 +54,9 @@ KINDS = ("deduction", "abduction", "induction")
 
 @dataclass
 class Config:
-    model: str = field(default="Qwen2.5-Coder-3B", metadata=dict(help="'tiny', a local HF directory, a hub id or a short name (Qwen2.5-3B, ...)"))
+    model: str = field(default="Qwen2.5-Coder-3B", metadata=dict(help=(
+        "'tiny', a local HF directory, a hub id or a short name: Qwen2.5[-Coder]-{0.5B,1.5B,3B,7B,14B}, "
+        "Qwen3-{0.6B,1.7B,4B,8B}[-Base], Llama-3.1-8B, Llama-3.2-{1B,3B}, some -Instruct (README's model table)")))
     out_dir: str = field(default="runs/azr", metadata=dict(help="run directory: metrics.jsonl, samples, checkpoints"))
     device: str = field(default="cuda" if torch.cuda.is_available() else "cpu", metadata=dict(help="cuda or cpu", choices=("cuda", "cpu")))
     steps: int = field(default=500, metadata=dict(help="self-play steps (paper: 500)", min=1))
@@ -78,6 +80,7 @@ class Config:
     grad_checkpoint: bool = field(default=True, metadata=dict(help="recompute decoder blocks in backward to save memory"))
     exec_timeout: float = field(default=10.0, metadata=dict(help="executor wall-clock limit per program, seconds", gt=0))
     exec_workers: int = field(default=os.cpu_count() or 1, metadata=dict(help="executor worker processes", min=1))
+    exec_unsafe: bool = field(default=False, metadata=dict(help="let a root trainer run tasks as root without capabilities where the executor cannot give them an unprivileged uid (it refuses otherwise)"))
     max_output_chars: int = field(default=400, metadata=dict(help="proposals whose output repr is longer are invalid", min=1))
     buffer_cap: int = field(default=16384, metadata=dict(help="FIFO cap per task buffer", min=1))
     seed_file: str = field(default="", metadata=dict(help="upstream *_seed_io.jsonl; its *_code_f_ twin is read too if present"))
@@ -91,6 +94,7 @@ class Config:
     eval_data: str = field(default="", metadata=dict(help="cruxeval.jsonl for --eval-every"))
     eval_limit: int = field(default=0, metadata=dict(help="evaluate on the first N items only (0: all)", min=0))
     log_samples: int = field(default=2, metadata=dict(help="proposer and solver samples per task-role written to samples.txt each step", min=0))
+    kv_cache_gib: float = field(default=0.0, metadata=dict(help="sampler KV block pool per GPU, GiB (0: the free memory after loading, less an estimate of what the update needs)", min=0))
     peak_tflops: float = field(default=0.0, metadata=dict(help="accelerator bf16 peak for MFU (0: guess from the device name)", min=0))
     dist_timeout: float = field(default=120.0, metadata=dict(help="minutes a rank may wait in a collective under torchrun (rank 0 alone writes checkpoints and runs the executor)", gt=0))
 
@@ -423,15 +427,11 @@ def parse_induction_proposal(text, n_inputs):
 
 
 def validate_proposals(executor, jobs):
-    """Rules 4-5 for many proposals at once. jobs: list of (program, [input, ...]). Returns per job the list of
-    output reprs, or None when any input fails to run, repeats differently under another hash seed, or is too long."""
-    flat = [(program, i) for program, inputs in jobs for i in inputs]
-    results, out, k = executor.run_batch(flat, check_determinism=True), [], 0
-    for _, inputs in jobs:
-        rs = results[k: k + len(inputs)]
-        k += len(inputs)
-        out.append([r.value for r in rs] if all(r.status == "ok" for r in rs) else None)
-    return out
+    """Rules 4-5 for many proposals at once. jobs: list of (program, [input, ...]); all inputs of one program run
+    in one sandboxed child (an induction proposal's 10). Returns per job the list of output reprs, or None when any
+    input fails to run, repeats differently in the second run, or is too long."""
+    return [[r.value for r in rs] if all(r.status == "ok" for r in rs) else None
+            for rs in executor.run_batch(jobs, check_determinism=True)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,17 +473,12 @@ def grade_answers(executor, kind_tasks_answers):
                 program = None
             if program is None:
                 continue
-            half = len(task["inputs"]) // 2
-            for i, o in zip(task["inputs"][half:], task["outputs"][half:]):
-                jobs.append((program, i))
-                owners.append((n, o))
-    results = executor.run_batch(jobs) if jobs else []
-    hits = {}
-    for (n, gold), r in zip(owners, results):
-        ok = r.status == "ok" and values_equal(parse_value(r.value), parse_value(gold))
-        hits[n] = hits.get(n, True) and ok
-    for n, ok in hits.items():
-        verdicts[n] = ok
+            half = len(task["inputs"]) // 2  # the hidden pairs, all in one sandboxed child
+            jobs.append((program, task["inputs"][half:]))
+            owners.append((n, task["outputs"][half:]))
+    for (n, gold), result in zip(owners, executor.run_batch(jobs) if jobs else []):
+        pairs = zip(result, gold) if isinstance(result, list) else [(result, gold)]
+        verdicts[n] = all(r.status == "ok" and values_equal(parse_value(r.value), parse_value(o)) for r, o in pairs)
     return verdicts
 
 
@@ -744,9 +739,11 @@ class Policy:
     module. On the CPU the sampler runs on the trained fp32 weights themselves. On GPUs it runs on a bf16 copy
     (the master weights are fp32) refreshed in place after every update; under torchrun each rank gathers that
     copy from the FSDP2 shards and samples its share of the prompts (sampling ranks run out of lockstep, FSDP
-    forwards cannot)."""
+    forwards cannot). One model.Sampler lives as long as the policy: its KV block pool is allocated once, sized
+    to leave room for the update (trainer_reserve_gib) unless --kv-cache-gib says, and its CUDA graphs stay valid
+    because the copy is refreshed in place."""
 
-    def __init__(self, model, tokenizer, cfg, world):
+    def __init__(self, model, tokenizer, cfg, world, trains=True):
         self.tokenizer, self.cfg, self.rank, self.size = tokenizer, cfg, *world
         self.stop_ids = stop_token_ids(tokenizer, model.config)
         self.trainable = TokenLogprobs(model, len(tokenizer))
@@ -755,19 +752,21 @@ class Policy:
             shard_model(self.trainable, model)
         dtype = model.embed_tokens.weight.dtype
         sample_dtype = torch.bfloat16 if device.type == "cuda" else dtype
-        self.sampler = model
+        self.sampling_model = model
         if self.size > 1 or dtype != sample_dtype:  # shards, or fp32 master weights on a GPU
-            self.sampler = empty_model(model.config, device, sample_dtype)
-            self.sampler.requires_grad_(False)
+            self.sampling_model = empty_model(model.config, device, sample_dtype)
+            self.sampling_model.requires_grad_(False)
             self.refresh_sampler()
+        self.sampler = Sampler(self.sampling_model, kv_cache_gib=cfg.kv_cache_gib or None,
+                               reserve_gib=trainer_reserve_gib(model, cfg, self.size) if trains else 0.0)
 
     @torch.no_grad()
     def refresh_sampler(self):
         """Copy the updated weights into the sampling copy, one tensor at a time (a full gather of every tensor
         at once would not fit next to the shards for large models)."""
-        if self.sampler is self.trainable.model:
+        if self.sampling_model is self.trainable.model:
             return
-        dst = self.sampler.state_dict()
+        dst = self.sampling_model.state_dict()
         for k, v in self.trainable.model.state_dict().items():
             dst[k].copy_(v.full_tensor() if hasattr(v, "full_tensor") else v)
 
@@ -780,10 +779,13 @@ class Policy:
         cfg = self.cfg
         temperature = cfg.temperature if temperature is None else temperature
         mine = list(range(self.rank, len(prompts), self.size))
-        samples = [] if not mine else generate(
-            self.sampler, [prompts[i] for i in mine], n=n, max_new_tokens=max_new_tokens or cfg.max_response_tokens,
+        # The answer ends at </answer>, but only after </think>: the R1 instruction itself says "<answer> </answer>"
+        # and models repeat it while thinking.
+        samples = [] if not mine else self.sampler.generate(
+            [prompts[i] for i in mine], n=n, max_new_tokens=max_new_tokens or cfg.max_response_tokens,
             temperature=temperature, top_p=cfg.top_p if temperature > 0 else 1.0, stop_token_ids=self.stop_ids,
-            stop_strings=["</answer>"], tokenizer=self.tokenizer, seed=(cfg.seed * 1_000_003 + seed) * 64 + self.rank,
+            stop_strings=["</answer>"], stop_after="</think>", tokenizer=self.tokenizer,
+            seed=(cfg.seed * 1_000_003 + seed) * 64 + self.rank,
             progress=self.rank == 0 and (len(prompts) * n >= 64 if progress is None else progress))
         out = [(i, j, s) for k, i in enumerate(mine) for j, s in enumerate(samples[k * n:(k + 1) * n])]
         if self.size > 1:
@@ -791,6 +793,19 @@ class Policy:
             dist.all_gather_object(parts, out)
             out = sorted((x for part in parts for x in part), key=lambda x: (x[0], x[1]))
         return [(s, self.tokenizer.decode(s.tokens, skip_special_tokens=True)) for _, _, s in out]
+
+
+def trainer_reserve_gib(model, cfg, size):
+    """GPU memory the update will take beyond what exists when the sampler's pool is sized (before the first
+    step): fp32 gradients and AdamW's two moments (12 bytes per parameter of this rank's shard), the activations
+    of one --micro-batch-tokens micro-batch (checkpointed blocks keep only their fp32 inputs; one block at a time is
+    recomputed, its activations and their gradients), the fused kernel's logit-gradient chunk, and 2 GiB of slack
+    for the allocator. An estimate: --kv-cache-gib overrides the pool size it leads to."""
+    c, T = model.config, cfg.micro_batch_tokens
+    block = T * (8 * c.hidden_size + 3 * c.intermediate_size) * 4 * 2
+    stored = T * c.hidden_size * 4 * c.num_layers if cfg.grad_checkpoint else block * c.num_layers
+    total = 12 * sum(p.numel() for p in model.parameters()) / size + stored + block + 2 ** 28 + 2 * 2 ** 30
+    return total / 2 ** 30
 
 
 def stop_token_ids(tokenizer, config):
@@ -1196,6 +1211,7 @@ def eval_main(argv):
                    help="weights and compute (default: bf16 on cuda, fp32 on cpu; bf16 is about twice as fast on "
                         "CPUs with bf16 support)")
     p.add_argument("--exec-workers", type=int, default=os.cpu_count() or 1, help="executor worker processes")
+    p.add_argument("--exec-unsafe", action="store_true", help="as for training: see `azr.py --help`")
     args = p.parse_args(argv)
     for flag, value, least in (("--limit", args.limit, 0), ("--max-new-tokens", args.max_new_tokens, 1),
                                ("--exec-workers", args.exec_workers, 1)):
@@ -1207,12 +1223,12 @@ def eval_main(argv):
     read_jsonl(args.data, CRUXEVAL_FIELDS)  # a malformed file fails here, before the model loads
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if args.device == "cuda" else "fp32")]
     cfg = Config(model=args.model, device=args.device, temperature=0.0, max_response_tokens=args.max_new_tokens,
-                 exec_workers=args.exec_workers)
+                 exec_workers=args.exec_workers, exec_unsafe=args.exec_unsafe)
     model, tokenizer = load_model(args.model, device=args.device, dtype=dtype)
-    policy = Policy(model, tokenizer, cfg, (0, 1))
+    policy = Policy(model, tokenizer, cfg, (0, 1), trains=False)
     out = args.out or (Path(args.model).parent / "cruxeval_answers.jsonl" if Path(args.model).is_dir()
                        else f"{Path(args.model).name}_cruxeval_answers.jsonl")
-    with Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout, max_output_chars=cfg.max_output_chars) as executor:
+    with make_executor(cfg) as executor:
         scores = evaluate_cruxeval(policy, executor, args.data, args.limit, args.max_new_tokens, out)
     n = scores["cruxeval_items"]
     print(f"CRUXEval-O pass@1 {scores['cruxeval_o']:.4f} ({round(scores['cruxeval_o'] * n)}/{n})  "
@@ -1293,6 +1309,14 @@ def write_samples(run_dir, cfg):
     return log
 
 
+def make_executor(cfg):
+    try:
+        return Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout, max_output_chars=cfg.max_output_chars,
+                        unsafe=cfg.exec_unsafe)
+    except RuntimeError as e:  # e.g. root on a machine that refuses the private mount namespace the uid layer needs
+        raise SystemExit(f"error: {e} (azr.py: --exec-unsafe)")
+
+
 def step_line(step, metrics, cfg):
     """One line per step: rewards per task-role, then the health of the step (valid proposals, PPO clip
     fraction and the largest |log pi - log pi_old|, share of trained responses cut by the length limit, prompts
@@ -1322,8 +1346,7 @@ def train(cfg):
     optimizer = torch.optim.AdamW(policy.trainable.parameters(), lr=cfg.lr, betas=(0.9, 0.999),
                                   weight_decay=cfg.weight_decay)
     rng = random.Random(cfg.seed)
-    executor = Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout,
-                        max_output_chars=cfg.max_output_chars) if rank0 else None
+    executor = make_executor(cfg) if rank0 else None
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))

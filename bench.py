@@ -5,14 +5,17 @@ prints a markdown table; `--record` appends it to BENCHMARKS.md with the machine
     python bench.py sampler    # tokens/s: model.generate vs transformers' generate; batch-1 decode bandwidth
     python bench.py kernel     # fwd+bwd time and memory: fused logprob kernel vs naive PyTorch (and Liger)
     python bench.py step       # one full AZR step split into generate / execute / train
+    python bench.py gpu        # every CUDA path once against a reference (VERDICT lines), then its figures
 """
 import argparse
+import contextlib
 import datetime
 import json
 import math
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,8 +39,10 @@ from executor import Executor, parse_args, parse_value, values_equal  # noqa: E4
 
 # --------------------------------------------------------------------------------------------------------------
 # bench.py executor
-# Executor benchmark (issue 2): executions/s and p50/p95 latency on the seed programs, side by side with
-# (a) a fresh `python -I -S -c` per task and (b) a bare fork+pipe floor, for 1 and N workers.
+# Executor benchmark (issues 2, 9): executions/s and p50/p95 latency on the seed programs, side by side with
+# (a) a fresh `python -I -S -c` per task and (b) a bare fork+pipe floor, for 1 and N workers; per-task
+# overhead on a trivial program (executor minus the floor, p50 and p95); and induction-shaped jobs (one
+# program, 10 inputs) with and without per-program batching.
 #
 # All three do the same work per task: run the seed program, call f on the stored input, send back the repr,
 # which the benchmark checks against the stored output (`ok` column). The floor is one `python -s -S` process
@@ -133,8 +138,45 @@ def _row(name, workers, wall, times, ok, n):
                 p95=q[18] * 1e3, ok=ok, n=n)
 
 
+_TRIVIAL = [("def f(x):\n    return x + 1", str(i), str(i + 1)) for i in range(300)]
+_INDUCTION = [(f"def f(x):\n    return [x, x * {k}]", [str(i) for i in range(10)]) for k in range(30)]
+
+
+def _overhead(executor_cls, workers, jobs=_TRIVIAL) -> dict:
+    """Per-task overhead on a trivial program: the executor's p50 and p95 (timed around `run`, in the trainer)
+    minus the bare fork floor's, measured back to back. `executor_cls`: any executor with this API (a
+    scratch script can pass another version's)."""
+    with executor_cls(workers=workers) as ex:
+        for program, inputs, _ in jobs[:20]:
+            ex.run(program, inputs)  # warm-up
+
+        def run(program, inputs, stored):
+            r = ex.run(program, inputs)
+            return r.status == "ok" and r.value == stored
+        _, times, ok = _threads(run, jobs, workers)
+    _floor(jobs[:20], workers)
+    _, floor_times, _ = _floor(jobs, workers)
+    p95 = lambda t: statistics.quantiles(t, n=20)[18] * 1e3  # noqa: E731
+    return dict(p50=(statistics.median(times) - statistics.median(floor_times)) * 1e3,
+                p95=p95(times) - p95(floor_times), ok=ok, n=len(jobs))
+
+
+def _induction(ex) -> dict:
+    """Induction-shaped jobs, programs/s: each program's 10 inputs in one task child (batched) vs one task
+    per input; `ok`: both give the same, correct results."""
+    t0 = time.perf_counter()
+    batched = ex.run_batch(_INDUCTION)
+    t1 = time.perf_counter()
+    single = ex.run_batch([(p, i) for p, xs in _INDUCTION for i in xs])
+    t2 = time.perf_counter()
+    flat = [r for rs in batched for r in rs]
+    ok = flat == single and all(r.value == repr([int(i), int(i) * k]) for k, (_, xs) in enumerate(_INDUCTION)
+                                for i, r in zip(xs, batched[k]))
+    return dict(batched=len(_INDUCTION) / (t1 - t0), single=len(_INDUCTION) / (t2 - t1), ok=ok)
+
+
 def _round(jobs, worker_counts, repeat):
-    rows = []
+    rows, extra = [], {}
     for workers in worker_counts:
         with Executor(workers=workers) as ex:
             layers = ", ".join(ex.layers) or "none"
@@ -145,11 +187,14 @@ def _round(jobs, worker_counts, repeat):
                 r = ex.run(program, inputs)
                 return r.status == "ok" and _matches(r.value, stored)
             rows.append(_row("executor (hardened)", workers, *_threads(run, jobs * repeat, workers), len(jobs) * repeat))
+            ex.run_batch(_INDUCTION[:2])  # warm-up
+            extra[workers] = _induction(ex)
+        extra[workers].update({"over_" + k: v for k, v in _overhead(Executor, workers).items()})
         _threads(_python_c, jobs[:5], workers)  # warm-up
         rows.append(_row("python -I -S -c", workers, *_threads(_python_c, jobs, workers), len(jobs)))
         _floor(jobs[:5], workers)  # warm-up
         rows.append(_row("bare fork+pipe floor", workers, *_floor(jobs * repeat, workers), len(jobs) * repeat))
-    return rows, layers
+    return rows, extra, layers
 
 
 def bench_executor(argv: list[str]) -> str:
@@ -167,10 +212,11 @@ def bench_executor(argv: list[str]) -> str:
             continue  # the executor would refuse it before running: not a fair timing for either side
         jobs.append((d["snippet"], d["input"], d["output"]))
     worker_counts = sorted({1, args.workers})
-    rounds, loads = [], [os.getloadavg()[0]]
+    rounds, extras, loads = [], [], [os.getloadavg()[0]]
     for _ in range(args.rounds):
-        rows, layers = _round(jobs, worker_counts, args.repeat)
+        rows, extra, layers = _round(jobs, worker_counts, args.repeat)
         rounds.append({(r["backend"], r["workers"]): r for r in rows})
+        extras.append(extra)
         loads.append(os.getloadavg()[0])
     med = lambda key, field: statistics.median(r[key][field] for r in rounds)  # noqa: E731
     head = "| backend | workers | exec/s | p50 ms | p95 ms | ok/n |\n|---|---|---|---|---|---|\n"
@@ -187,12 +233,23 @@ def bench_executor(argv: list[str]) -> str:
                   f"(rounds: {', '.join(f'{x:.1f}' for x in tput)}; target >= 10x); hardened p50 = "
                   f"{statistics.median(p50):.1f}x the fork floor (rounds: {', '.join(f'{x:.1f}' for x in p50)}; "
                   f"target <= 3x)\n")
+    emed = lambda w, k: statistics.median(e[w][k] for e in extras)  # noqa: E731
+    table2 = ("| workers | overhead p50 ms | overhead p95 ms | induction programs/s, batched | one task per input "
+              "| batching speedup | ok |\n|---|---|---|---|---|---|---|\n" + "".join(
+                  f"| {w} | {emed(w, 'over_p50'):.2f} | {emed(w, 'over_p95'):.2f} | {emed(w, 'batched'):.1f} "
+                  f"| {emed(w, 'single'):.1f} | {statistics.median(e[w]['batched'] / e[w]['single'] for e in extras):.1f}x "
+                  f"| {all(e[w]['ok'] and e[w]['over_ok'] == e[w]['over_n'] for e in extras)} |\n"
+                  for w in worker_counts))
     md = (f"### Executor ({datetime.date.today()}, {os.cpu_count()}-core {platform.machine()} "
           f"{platform.system()} {platform.release()}, Python {platform.python_version()}, layers: {layers})\n\n"
           f"{len(jobs)} seed programs from {SEED_FILE.name} (inputs that parse); per round {args.repeat} "
           f"passes for the executor and the floor, 1 for `python -I -S -c`; median of {args.rounds} rounds. "
           f"`ok`: the repr matches the stored output (first round). 1-minute load average before and after "
-          f"each round: {', '.join(f'{x:.2f}' for x in loads)}.\n\n{table}\n{lines}")
+          f"each round: {', '.join(f'{x:.2f}' for x in loads)}.\n\n{table}\n{lines}\n"
+          f"Per-task overhead: {len(_TRIVIAL)} runs of a trivial `f`, the executor's latency minus the fork "
+          f"floor's (p50, p95). Induction-shaped: {len(_INDUCTION)} programs x 10 inputs, as "
+          f"`run_batch([(program, [10 inputs])])` vs `run_batch` of one job per input. Medians of the rounds.\n\n"
+          f"{table2}")
     print(md)
     return md
 
@@ -219,12 +276,14 @@ def qwen25_3b_config() -> M.ModelConfig:
                          tie_word_embeddings=True, max_position_embeddings=32768, eos_token_id=151643)
 
 
-def random_model(config, device, dtype, seed=0):
+def random_model(config, device, dtype, seed=0, std=0.02):
+    """Random weights made on the device itself (no CPU copy of a 3B model). std 0.02 is a real model's scale; a
+    numerical check wants larger (0.05-0.1), or attention is too flat to show an indexing bug."""
     model = M.empty_model(config, device, dtype)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=g)
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, std, generator=g)
     return model.eval()
 
 
@@ -527,8 +586,9 @@ def bench_sampler(argv: list[str]) -> str:
 # bench.py kernel
 # bench.py kernel: forward+backward of the fused LM head -> logprob + entropy (kernels.linear_logprobs) side by
 # side with naive PyTorch (bf16 logits, fp32 log_softmax, gather, entropy) and, where importable, Liger-Kernel's
-# fused linear cross entropy and torch's linear_cross_entropy (both: summed CE only, no entropy). TFLOP/s count
-# 8*N*d*V (forward, logit recompute, d_hidden, d_weight) against a measured bf16 matmul peak.
+# fused linear cross entropy and torch's linear_cross_entropy (both: summed CE only, no entropy). TFLOP/s count the
+# FLOPs each one executes: 8*N*d*V for ours (forward, logit recompute, d_hidden, d_weight), 6*N*d*V for the others
+# (they keep or chunk the logits instead of recomputing them), against a measured bf16 matmul peak.
 #
 # Needs CUDA for the real figures. On the CPU it times the chunked reference (linear_logprobs' CPU path) against
 # naive PyTorch at small N in fp32, and says that memory figures need CUDA.
@@ -616,7 +676,7 @@ def bench_kernel(argv):
         impls = {name: impls[name] for name in ("fused (ours)", "naive")}  # fused = the chunked reference on CPU
         where = "CPU, fp32: 'fused' is the chunked PyTorch reference; memory figures need CUDA"
     print(f"# bench kernel: d={args.d}, V={args.vocab}, {where}")
-    rows = ["| implementation | N | fwd+bwd ms | TFLOP/s (8NdV) | % of peak | peak MiB above inputs | memory vs naive |",
+    rows = ["| implementation | N | fwd+bwd ms | TFLOP/s (executed) | % of peak | peak MiB above inputs | memory vs naive |",
             "|---|---|---|---|---|---|---|"]
     print("\n".join(rows))
     gen = torch.Generator(device=device).manual_seed(0)
@@ -640,7 +700,7 @@ def bench_kernel(argv):
                 row = f"| {name} | {n} | OOM | | | | |"
             else:
                 ms, mem = result
-                tflops = 8 * n * args.d * args.vocab / (ms * 1e-3) / 1e12
+                tflops = (8 if name == "fused (ours)" else 6) * n * args.d * args.vocab / (ms * 1e-3) / 1e12
                 pct = f"{100 * tflops / peak:.0f}%" if cuda else "n/a"
                 mem_s = f"{mem:.0f}" if mem is not None else "n/a"
                 ratio = f"{100 * mem / naive_mem:.1f}%" if mem is not None and naive_mem else "n/a"
@@ -684,7 +744,7 @@ def bench_step(argv):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     rng = random.Random(0)
     rows = []
-    with Executor(workers=cfg.exec_workers, timeout=cfg.exec_timeout, max_output_chars=cfg.max_output_chars) as ex:
+    with azr.make_executor(cfg) as ex:
         buffers = azr.init_buffers(policy, ex, cfg, rng, (0, 1))
         for step in range(1, cfg.steps + 1):
             t0 = time.perf_counter()
@@ -706,12 +766,440 @@ def bench_step(argv):
 
 
 
+# --------------------------------------------------------------------------------------------------------------
+# bench.py gpu (issue 11): the one prepared command for a lent GPU. GPU time is rare and short, so one command
+# runs every CUDA path once against a reference, printing `VERDICT name pass|FAIL detail`, then its benchmark
+# rows. Each check runs in a process of its own with a time cap, so an OOM, a hang or a CUDA error that poisons
+# the context fails that check only and the next one still runs. Only the repository and the machine's packages
+# are needed (the seed sample in data/). `--cpu-dry-run` runs every check end to end on the CPU at small shapes
+# (a test does, in CI). Figures go to BENCHMARKS.md, and with `--out DIR` the verdicts, the markdown, the raw
+# figures and each check's log go to DIR (on a lent machine only that folder comes back).
+
+def _rel_err(got, ref):
+    return ((got.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30)).item()
+
+
+def check_kernel(dry):
+    """The Triton logprob kernel, forward and backward, against the fp32 chunked reference at the paper's LM-head
+    shape (N*V > 2^31, so int64 offsets matter); then its time, TFLOP/s and memory beside naive PyTorch."""
+    from kernels import fused_logprobs, reference
+    device, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
+    n, d, V, vocab = (48, 32, 700, 650) if dry else (16384, 2048, 151936, 151665)
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = (torch.randn(n, d, device=device, generator=g) * 0.5).to(dtype)
+    weight = (torch.randn(V, d, device=device, generator=g) * 0.05).to(dtype)
+    weight[vocab:] = 1.0  # padded LM-head rows: they would dominate every softmax if they leaked in
+    targets = torch.randint(0, vocab, (n,), device=device, generator=g)
+    g_lp, g_ent = torch.randn(2, n, device=device, generator=g)
+
+    def run(fn, h, w):
+        h, w = h.clone().requires_grad_(), w.clone().requires_grad_()
+        lp, ent = fn(h, w, targets, 0.7, vocab)
+        (g_lp * lp + g_ent * ent).sum().backward()
+        return dict(logprobs=lp.detach(), entropy=ent.detach(), d_hidden=h.grad, d_weight=w.grad)
+    got = run(fused_logprobs.linear_logprobs_triton, hidden, weight)
+    ref = run(reference.linear_logprobs_reference, hidden.float(), weight.float())
+    err = {k: _rel_err(got[k], ref[k]) for k in got}
+    limits = dict(logprobs=1e-3, entropy=1e-3, d_hidden=3e-2, d_weight=3e-2)
+    pad_zero = bool((got["d_weight"][vocab:] == 0).all())
+    ok = pad_zero and all(err[k] < limits[k] for k in err)
+    verdicts = [("kernel", ok, f"N={n} d={d} V={V} vocab={vocab} {str(dtype)[6:]}: rel err "
+                 + " ".join(f"{k} {v:.1e}" for k, v in err.items()) + f"; padded rows' grad zero {pad_zero}")]
+    del got, ref
+    rows = ["| implementation | N | fwd+bwd ms | TFLOP/s (executed) | peak MiB above inputs |", "|---|---|---|---|---|"]
+    figures = {}
+    for name, fn, flops in (("fused (ours)", kernels.linear_logprobs, 8), ("naive", _naive, 6)):
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        try:
+            ms, mib = _time(fn, (h, w, targets, g_lp, g_ent), 1 if dry else 3, not dry)
+        except torch.OutOfMemoryError:
+            rows.append(f"| {name} | {n} | OOM | | |")
+            continue
+        tflops = flops * n * d * V / (ms * 1e-3) / 1e12
+        figures[name] = dict(ms=ms, tflops=tflops, peak_mib=mib)
+        rows.append(f"| {name} | {n} | {ms:.1f} | {tflops:.3g} | {'n/a' if mib is None else f'{mib:.0f}'} |")
+        del h, w
+        if not dry:
+            torch.cuda.empty_cache()
+    return verdicts, "\n".join(rows), figures
+
+
+def check_paged_attention(dry):
+    """The Triton paged decode kernel against its PyTorch reference and against SDPA over each sequence's gathered
+    keys (fp32), on ragged lengths up to 8k in shuffled blocks at Qwen2.5-3B's head shape; then its time beside the
+    masked SDPA over a batch padded to its longest sequence (what the slot-major sampler ran)."""
+    from kernels import paged_attention, paged_reference
+    device, dtype = ("cpu", torch.float32) if dry else ("cuda", torch.bfloat16)
+    B, H, kvh, D, page = (3, 4, 2, 16, 16) if dry else (64, 16, 2, 128, M.BLOCK_SIZE)
+    g = torch.Generator().manual_seed(0)
+    lengths = [1, page, 2 * page + 3] if dry else [int(2 ** (13 * torch.rand(1, generator=g).item())) for _ in range(B)]
+    width = max(-(-n // page) for n in lengths)
+    blocks = torch.randperm(B * width, generator=g)  # each sequence's blocks scattered over the pool
+    table = blocks.view(B, width).int()
+    k_pool, v_pool = (torch.randn(B * width, page, kvh, D, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+    q = torch.randn(B, H, D, generator=g).to(device=device, dtype=dtype)
+    lens, table = torch.tensor(lengths, dtype=torch.int32, device=device), table.to(device)
+    got = paged_attention.paged_attention_triton(q, k_pool, v_pool, table, lens, max(lengths))
+    ref = paged_reference.paged_attention_reference(q, k_pool, v_pool, table, lens)
+    sdpa = []
+    for b, n in enumerate(lengths):  # independent: gather the sequence's keys in order, then plain attention
+        rows = table[b, :-(-n // page)].long()
+        k, v = (pool[rows].reshape(-1, kvh, D)[:n].float().transpose(0, 1) for pool in (k_pool, v_pool))
+        sdpa.append(torch.nn.functional.scaled_dot_product_attention(q[b].float().view(kvh, H // kvh, D), k, v)
+                    .reshape(H, D))
+    sdpa = torch.stack(sdpa)
+    e_ref, e_sdpa = _rel_err(got.float(), ref.float()), _rel_err(got.float(), sdpa)
+    limit = 1e-4 if dtype == torch.float32 else 2e-2
+    verdicts = [("paged_attention", e_ref < limit and e_sdpa < limit,
+                 f"B={B} H={H}/{kvh} D={D} block {page} {str(dtype)[6:]}, lengths {min(lengths)}-{max(lengths)}: "
+                 f"rel err vs reference {e_ref:.1e}, vs SDPA on gathered keys {e_sdpa:.1e}")]
+    if dry:
+        return verdicts, "", dict(err_reference=e_ref, err_sdpa=e_sdpa)
+    L = max(lengths)
+    kc, vc = (torch.randn(B, kvh, L, D, device=device, dtype=dtype) for _ in range(2))
+    mask = (torch.arange(L, device=device) < lens[:, None])[:, None, None]
+    qg = q.view(B, kvh, H // kvh, D)
+
+    def timed(fn, repeats=20):
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / repeats * 1e3
+    ms_paged = timed(lambda: paged_attention.paged_attention_triton(q, k_pool, v_pool, table, lens, L))
+    ms_padded = timed(lambda: torch.nn.functional.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask))
+    needed = 2 * sum(lengths) * kvh * D * dtype.itemsize
+    rows = ["| decode attention, one layer | ms | GB/s of needed K/V |", "|---|---|---|",
+            f"| paged Triton kernel | {ms_paged:.3f} | {needed / ms_paged / 1e6:.0f} |",
+            f"| masked SDPA, batch padded to {L} keys | {ms_padded:.3f} | {needed / ms_padded / 1e6:.0f} |"]
+    return verdicts, "\n".join(rows), dict(ms_paged=ms_paged, ms_padded=ms_padded, needed_bytes=needed)
+
+
+def check_sampler(dry):
+    """Logprobs of decoded samples (graphs on CUDA, refills, bucket changes, preemption in a small pool, n > 1
+    sharing prompt blocks) against a full forward of prompt + sample, on a random model with weights large enough
+    that attention is not flat; then batch-1 decode bandwidth on a Qwen2.5-3B-shaped model against the measured
+    copy bandwidth of this device."""
+    device = torch.device("cpu" if dry else "cuda")
+    dtype = torch.float32 if dry else torch.bfloat16
+    config = M.ModelConfig(vocab_size=1024, hidden_size=128 if dry else 1024, intermediate_size=256 if dry else 2816,
+                           num_layers=2 if dry else 4, num_heads=4 if dry else 16, num_kv_heads=2,
+                           head_dim=32 if dry else 64, rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True)
+    model = random_model(config, device, dtype, std=0.1)
+    g = random.Random(0)
+    prompts = [[g.randrange(1024) for _ in range(g.randint(5, 40 if dry else 700))] for _ in range(6 if dry else 24)]
+    limits = [g.randint(4, 24 if dry else 600) for _ in prompts]
+    per_block = M.BLOCK_SIZE * kv_bytes_per_token(config, dtype) / 2 ** 30
+    # a pool of a few blocks per running sequence and a small batch cap: refills, bucket changes and preemptions
+    page = 16 if dry else M.BLOCK_SIZE
+    per_block *= page / M.BLOCK_SIZE
+    sampler = M.Sampler(model, kv_cache_gib=per_block * (6 if dry else 24), block_size=page,
+                        max_batch_size=4 if dry else 16)
+    mean_err, max_err, stats = sampler_logprob_error(sampler, prompts, 2, limits)
+    limit = (1e-4, 1e-3) if dry else (0.05, 1.0)
+    verdicts = [("sampler", mean_err < limit[0] and max_err < limit[1] and stats["blocks_in_use"] == 0,
+                 f"|logprob - full forward| mean {mean_err:.2e} max {max_err:.2e} over {len(prompts)} prompts x n=2 "
+                 f"({stats['preemptions']} preemptions, {stats.get('graphs_captured', 0)} graphs, "
+                 f"{stats['blocks_in_use']} blocks left in use)")]
+    del sampler, model
+    if dry:
+        return verdicts, "", dict(mean_err=mean_err, max_err=max_err, stats=stats)
+    torch.cuda.empty_cache()
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    copy_bw = 2 * 2 ** 30 * 10 / (time.perf_counter() - t)  # each copy reads and writes the GiB
+    del x, y
+    model = random_model(qwen25_3b_config(), device, torch.bfloat16)
+    one = M.Sampler(model, kv_cache_gib=pool_gib(model.config, torch.bfloat16, 8), max_batch_size=1)
+    prompt = [[1, 2, 3, 4, 5]]
+    run_ours(one, prompt, [1000], 0.0)  # warm-up: every graph bucket of the timed runs
+    spt = decode_rate(lambda m: run_ours(one, prompt, [m], 0.0), 600, 1000, 1)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = (weights + kv_bytes_per_token(model.config, torch.bfloat16) * 805) / spt
+    rows = ["| batch-1 greedy decode, Qwen2.5-3B-shaped bf16 | tokens/s | bandwidth | of copy bandwidth |",
+            "|---|---|---|---|", f"| Sampler.generate | {1 / spt:.0f} | {bw / 1e9:.0f} GB/s | {bw / copy_bw:.0%} |",
+            f"\nmeasured device copy bandwidth {copy_bw / 1e9:.0f} GB/s (1 GiB read + written)"]
+    return verdicts, "\n".join(rows), dict(mean_err=mean_err, max_err=max_err, tokens_per_s=1 / spt,
+                                           bandwidth=bw, copy_bandwidth=copy_bw)
+
+
+def check_memory(dry):
+    """The order a self-play run takes, on the real path: azr.Policy (fp32 master weights, bf16 sampling copy, one
+    Sampler whose pool leaves trainer_reserve_gib) generates, policy_update allocates gradients and AdamW state,
+    then generate and update again. The predicted failure was an OOM at the second generate (gpu-review.md 1)."""
+    import azr
+    device = "cpu" if dry else "cuda"
+    cfg = azr.Config(model="random", device=device, micro_batch_tokens=512 if dry else 16384)
+    shape = M.tiny_config() if dry else qwen25_3b_config()
+    model = random_model(shape, torch.device(device), torch.float32).train()
+    for block in model.layers:
+        block.checkpointing = True
+    tok = M.byte_tokenizer()
+    policy = azr.Policy(model, tok, cfg, (0, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    g = random.Random(0)
+    prompts = [[g.randrange(256) for _ in range(g.randint(50, 100 if dry else 1500))] for _ in range(8 if dry else 256)]
+    phases = []
+    try:
+        for phase in range(2):
+            outs = policy.sample(prompts, n=1, seed=phase, max_new_tokens=16 if dry else 512)
+            phases.append(f"generate {phase + 1}")
+            rollouts = [azr.Rollout("solve_x", p, s.tokens, s.logprobs, advantage=g.uniform(-1, 1))
+                        for p, (s, _) in zip(prompts[:len(prompts) // 4], outs)]
+            azr.policy_update(policy.trainable, optimizer, rollouts, cfg)
+            policy.refresh_sampler()
+            phases.append(f"update {phase + 1}")
+        ok, failure = True, ""
+    except torch.OutOfMemoryError as e:
+        ok, failure = False, f"; OOM after {', '.join(phases) or 'nothing'}: {str(e).splitlines()[0][:200]}"
+    pool = policy.sampler.stats.get("num_blocks", 0) * policy.sampler.block_bytes / 2 ** 30
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if not dry else 0.0
+    total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30 if not dry else 0.0
+    detail = (f"{'tiny' if dry else 'Qwen2.5-3B-shaped'} fp32 + bf16 copy: KV pool {pool:.1f} GiB, reserve "
+              f"{azr.trainer_reserve_gib(model, cfg, 1):.1f} GiB, peak allocated {peak:.1f} of {total:.0f} GiB{failure}")
+    return [("memory", ok, detail)], "", dict(pool_gib=pool, peak_gib=peak, phases=phases)
+
+
+def check_throughput(dry):
+    """Tokens/s of the kept Sampler against transformers' generate in the same run, Qwen2.5-3B-shaped random bf16:
+    nano-vllm's protocol (256 prompts of 100-1,024 tokens, 100-1,024 new, T=0.6; transformers on the first 64) and
+    the AZR replay scaled to responses of at most 2,048 tokens (transformers on the first 4 prompts x n=8)."""
+    device = torch.device("cpu" if dry else "cuda")
+    if dry:
+        model, _ = M.load_model("tiny")
+        prompts, max_new = protocol(8, (16, 32), (8, 16), 257)
+        hf_prompts = 4
+    else:
+        model = random_model(qwen25_3b_config(), device, torch.bfloat16)
+        prompts, max_new = protocol(256, (100, 1024), (100, 1024), 10000)
+        hf_prompts = 64
+    hf = hf_twin(model)
+    t_hf, n_hf, _ = run_hf(hf, prompts[:hf_prompts], max_new[:hf_prompts], 0.6, hf_prompts)
+    del hf
+    sampler = M.Sampler(model)
+    run_ours(sampler, prompts, max_new, 0.6)  # warm-up: capture every graph bucket, as nano-vllm excludes capture
+    t_ours, n_ours, _ = run_ours(sampler, prompts, max_new, 0.6)
+    del sampler
+    ratio = (n_ours / t_ours) / (n_hf / t_hf)
+    lines = ["nano-vllm protocol:", "", *throughput_table([
+        (f"Sampler.generate, all {len(prompts)} prompts (graphs captured by a warm-up call)", t_ours, n_ours),
+        (f"transformers generate, first {hf_prompts} prompts in one batch", t_hf, n_hf)]), "", "AZR replay:", "",
+        *bench_replay(model, hf_twin(model), model.embed_tokens.weight.dtype, 8 if dry else 64, 2 if dry else 8,
+                      64 if dry else 2048, [0], 2 if dry else 4, 4, model.config.vocab_size)]
+    # the verdict is that the protocol ran as specified (no stop: exactly the requested tokens); the ratio is a figure
+    return [("throughput", n_ours == sum(max_new) and n_hf == sum(max_new[:hf_prompts]),
+             f"nano-vllm protocol: {n_ours / t_ours:.0f} tokens/s, {ratio:.1f}x transformers' {n_hf / t_hf:.0f}")], \
+        "\n".join(lines), dict(ours=n_ours / t_ours, hf=n_hf / t_hf)
+
+
+def check_train_attention(dry):
+    """Decoder gradients through the training path (TokenLogprobs: the decoder's causal SDPA and the logprob
+    kernel) in fp32 with whatever SDPA backend the build picks, and under bf16 autocast as azr trains, against fp32
+    with the math backend; names the backend chosen."""
+    import azr
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    device = "cpu" if dry else "cuda"
+    config = M.ModelConfig(vocab_size=1024, hidden_size=128 if dry else 896, intermediate_size=256 if dry else 4864,
+                           num_layers=2, num_heads=4 if dry else 14, num_kv_heads=2, head_dim=32 if dry else 64,
+                           rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True)
+    model = random_model(config, torch.device(device), torch.float32, std=0.08).train()
+    policy = azr.TokenLogprobs(model, config.vocab_size)
+    g = torch.Generator(device=device).manual_seed(1)
+    B, T = (2, 64) if dry else (4, 1024)
+    ids = torch.randint(0, config.vocab_size, (B, T), device=device, generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+    mask[:, T // 4:-1] = True
+    targets = ids[:, 1:][mask[:, :-1]]
+    adv = torch.randn(targets.shape[0], device=device, generator=g)
+
+    def grads(autocast, backends):
+        model.zero_grad(set_to_none=True)
+        ctx = torch.autocast(device, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+        with ctx, sdpa_kernel(backends):
+            logp, ent = policy(ids, mask, targets, 1.0)
+        (-(adv * logp).sum() - 0.01 * ent.sum()).backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+    everything = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                  SDPBackend.MATH]
+    ref = grads(False, [SDPBackend.MATH])
+    fp32 = grads(False, everything)
+    bf16 = grads(True, everything)
+    worst = lambda got: max((_rel_err(got[k], ref[k]), k) for k in ref)  # noqa: E731
+    (e32, k32), (e16, k16) = worst(fp32), worst(bf16)
+    q = torch.randn(1, config.num_heads, 16, config.head_dim, device=device, dtype=torch.bfloat16)
+    kv = torch.randn(1, config.num_kv_heads, 16, config.head_dim, device=device, dtype=torch.bfloat16)
+    try:
+        backend = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn"}.get(
+            int(torch._fused_sdp_choice(q, kv, kv, is_causal=True, enable_gqa=True)), "other")
+    except (RuntimeError, TypeError, AttributeError) as e:
+        backend = f"unknown ({type(e).__name__})"
+    return [("train_attention", e32 < 1e-3 and e16 < 5e-2,
+             f"worst grad rel err vs fp32 math: fp32 {e32:.1e} ({k32}), bf16 autocast {e16:.1e} ({k16}); "
+             f"bf16 causal GQA SDPA picks {backend}")], "", dict(fp32=e32, bf16=e16, backend=backend)
+
+
+def check_step(dry):
+    """One full self-play step (azr.azr_step: propose, validate, learnability, solve, grade, update, refresh) on
+    the tiny model and on a Qwen2.5-0.5B-shaped random model, with phase times, MFU and the PPO health figures
+    (on GPUs log pi_old comes from the bf16 sampling copy, the update from fp32 master weights)."""
+    import azr
+    device = "cpu" if dry else "cuda"
+    rows = ["| model | generate s | execute s | train s | step s | gen tok/s | MFU | clip fraction | max abs dlogp |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    verdicts, figures = [], {}
+    shapes = [("tiny", None)] + ([] if dry else [("Qwen2.5-0.5B-shaped", M.ModelConfig(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
+        head_dim=64, rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True, eos_token_id=256))])
+    for name, shape in shapes:
+        cfg = azr.Config(model="tiny", device=device, steps=1, batch_size=4 if dry else 32,
+                         n_learnability=2 if dry else 8, max_response_tokens=32 if dry else 512,
+                         max_prompt_tokens=4096, seed_file=str(REPO / "data" / "sample_seed_io.jsonl"), save_every=0,
+                         exec_workers=2 if dry else min(16, os.cpu_count() or 1))
+        if shape is None:
+            model, tokenizer = M.load_model("tiny", device=device)
+        else:
+            model, tokenizer = random_model(shape, torch.device(device), torch.float32).train(), M.byte_tokenizer()
+        for block in model.layers:
+            block.checkpointing = cfg.grad_checkpoint
+        policy = azr.Policy(model, tokenizer, cfg, (0, 1))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        try:
+            ex, note = azr.make_executor(cfg), ""
+        except SystemExit as e:  # the GPU paths are the point here: run the random model's tasks without the uid
+            cfg.exec_unsafe, note = True, f" (executor without the uid layer: {e})"
+            ex = azr.make_executor(cfg)
+        with ex:
+            buffers = azr.init_buffers(policy, ex, cfg, random.Random(0), (0, 1))
+            t0 = time.perf_counter()
+            m = azr.azr_step(1, policy, optimizer, ex, buffers, cfg, random.Random(0))
+            step_s = time.perf_counter() - t0
+        n_params = sum(p.numel() for p in model.parameters())
+        peak = _peak_flops(device)
+        mfu = (6 * n_params * m["trained_tokens"] + 2 * n_params * m["generated_tokens"]) / (step_s * peak) if peak else None
+        health = [m["clip_fraction"], m["max_abs_log_ratio"], m["loss"], m["grad_norm"]]
+        ok = all(math.isfinite(x) for x in health)
+        verdicts.append((f"step.{'tiny' if shape is None else 'qwen2.5-0.5b'}", ok, f"{name}: {step_s:.1f} s, loss {m['loss']:.3g}, "
+                         f"grad norm {m['grad_norm']:.3g}, clip fraction {m['clip_fraction']:.4f}, "
+                         f"max |dlogp| {m['max_abs_log_ratio']:.3g}{note}"))
+        figures[name] = {k: v for k, v in m.items() if isinstance(v, (int, float))}
+        rows.append(f"| {name} | {m['time/generate']:.2f} | {m['time/execute']:.2f} | {m['time/train']:.2f} | "
+                    f"{step_s:.2f} | {m['tokens_per_s']:.0f} | {'n/a' if mfu is None else f'{mfu:.1%}'} | "
+                    f"{m['clip_fraction']:.4f} | {m['max_abs_log_ratio']:.3g} |")
+        del model, policy, optimizer
+        if not dry:
+            torch.cuda.empty_cache()
+    return verdicts, "\n".join(rows), figures
+
+
+def _peak_flops(device):
+    if device != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in (("H200", 989), ("H100", 989), ("A100", 312)) if key in name), 0.0)
+
+
+# name -> (check, seconds it may take on the GPU, compilation included), most telling first; a check also stops
+# at the 8-minute deadline of the whole run (GPU_DEADLINE_S), so a slow one cannot starve the rest for long
+GPU_CHECKS = dict(kernel=(check_kernel, 90), paged_attention=(check_paged_attention, 45),
+                  sampler=(check_sampler, 90), memory=(check_memory, 90), step=(check_step, 150),
+                  train_attention=(check_train_attention, 45), throughput=(check_throughput, 200))
+GPU_DEADLINE_S = 470
+
+
+def _gpu_check_child(name, dry, result_path):
+    """Runs one check in this process and writes its verdicts, markdown and figures as JSON."""
+    fn, _ = GPU_CHECKS[name]
+    verdicts, markdown, figures = fn(dry)
+    Path(result_path).write_text(json.dumps(dict(verdicts=verdicts, markdown=markdown, figures=figures), default=str))
+
+
+def bench_gpu(argv):
+    ap = argparse.ArgumentParser(prog="bench.py gpu", description="Every GPU path once against a reference, then "
+                                 "its benchmark rows, in one command (issue 11).")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="run every check on the CPU at small shapes")
+    ap.add_argument("--out", default="", help="folder for verdicts.txt, gpu.md, figures.json and each check's log")
+    ap.add_argument("--only", default="", help="comma list of checks to run (default: all)")
+    ap.add_argument("--child", nargs=2, metavar=("CHECK", "RESULT_JSON"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    dry = args.cpu_dry_run
+    if args.child:
+        return _gpu_check_child(args.child[0], dry, args.child[1])
+    if not dry and not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu: no CUDA device here; use --cpu-dry-run to exercise the checks on the CPU")
+    names = [n for n in args.only.split(",") if n] or list(GPU_CHECKS)
+    unknown = set(names) - set(GPU_CHECKS)
+    if unknown:
+        raise SystemExit(f"bench.py gpu: unknown checks {sorted(unknown)}; choose from {', '.join(GPU_CHECKS)}")
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    import triton
+    device = "CPU (dry run)" if dry else torch.cuda.get_device_name()
+    head = (f"{device}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}, "
+            f"Python {platform.python_version()}, {datetime.date.today()}")
+    print(f"# bench.py gpu: {head}", flush=True)
+    env = dict(os.environ, TRITON_INTERPRET="1") if dry else dict(os.environ)
+    verdict_lines, sections, figures, t_start = [], [], {}, time.monotonic()
+    for name in names:
+        cap = GPU_CHECKS[name][1] * 3 if dry else min(GPU_CHECKS[name][1], GPU_DEADLINE_S - (time.monotonic() - t_start))
+        if cap < 10:
+            lines = [f"VERDICT {name} FAIL not run: the 8-minute budget was spent"]
+            print(lines[0], flush=True)
+            verdict_lines += lines
+            continue
+        result = Path(tempfile.mkdtemp(prefix="azr-gpu-")) / "result.json"
+        cmd = [sys.executable, str(REPO / "bench.py"), "gpu", "--child", name, str(result)] + (["--cpu-dry-run"] if dry else [])
+        t0 = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=cap)
+            log, failure = proc.stdout + proc.stderr, None if proc.returncode == 0 else f"exit status {proc.returncode}"
+        except subprocess.TimeoutExpired as e:
+            log, failure = (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace"), \
+                f"over its {cap} s cap"
+        seconds = time.monotonic() - t0
+        if out:
+            (out / f"{name}.log").write_text(log)
+        if failure is None and result.is_file():
+            r = json.loads(result.read_text())
+            lines = [f"VERDICT {v} {'pass' if ok else 'FAIL'} {detail}" for v, ok, detail in r["verdicts"]]
+            if r["markdown"]:
+                sections.append(f"### {name} ({seconds:.0f} s)\n\n{r['markdown']}")
+            figures[name] = r["figures"]
+        else:
+            last = next((line for line in reversed(log.strip().splitlines()) if line.strip()), "no output")
+            lines = [f"VERDICT {name} FAIL {failure}: {last[:300]}"]
+        shutil.rmtree(result.parent, ignore_errors=True)
+        for line in lines:
+            print(line, flush=True)
+        verdict_lines += lines
+    total = time.monotonic() - t_start
+    report = (f"{head}; {total:.0f} s in all\n\n" + "\n".join(f"- `{v}`" for v in verdict_lines) + "\n\n"
+              + "\n\n".join(sections) + "\n")
+    print("\n" + report)
+    if out:
+        (out / "verdicts.txt").write_text("\n".join(verdict_lines) + "\n")
+        (out / "gpu.md").write_text(report)
+        (out / "figures.json").write_text(json.dumps(figures, indent=1, default=str))
+    if not dry:
+        with open(REPO / "BENCHMARKS.md", "a") as f:
+            f.write(f"\n## bench.py gpu -- {device} -- {datetime.date.today()}\n\n{report}")
+    return report
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    benches = dict(executor=bench_executor, sampler=bench_sampler, kernel=bench_kernel, step=bench_step)
+    benches = dict(executor=bench_executor, sampler=bench_sampler, kernel=bench_kernel, step=bench_step, gpu=bench_gpu)
     if not argv or argv[0] not in benches:
         raise SystemExit(f"usage: python bench.py {{{'|'.join(benches)}}} [--record] [options]")
-    record = "--record" in argv
+    record = "--record" in argv and argv[0] != "gpu"  # gpu writes BENCHMARKS.md itself
     report = benches[argv[0]]([a for a in argv[1:] if a != "--record"])
     if record:
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else \

@@ -2,76 +2,111 @@
 
 SPEC sections 3-4. The trainer never runs model code and never forks itself (it holds CUDA/NCCL threads).
 It spawns `workers` clean, single-threaded *zygote* interpreters (`python -s -S -P`, scrubbed environment,
-fixed PYTHONHASHSEED, common stdlib modules pre-imported, `gc.freeze()`d). Each task runs in a fresh fork
-of a zygote and sends back one length-prefixed JSON frame {status, value, error}, which the zygote passes
-on unread. Nothing that comes back is ever pickled or evaluated: the trainer checks the frame's schema and
-re-checks `value` with `parse_value`, the AST whitelist below.
+fixed PYTHONHASHSEED, common stdlib modules pre-imported, `gc.freeze()`d). Each job runs in a fresh fork of
+a zygote. Nothing that comes back is ever pickled or evaluated: the trainer checks every result frame's
+schema and re-checks its value (`_checked`: `parse_value`, the AST whitelist below, no inf/nan, text and
+repr within `max_output_chars`), whatever the frame claims.
 
     with Executor(workers=2) as ex:
-        ex.run("def f(a):\\n    return sorted(a)", "[3, 1, 2]")   # Result('ok', '[1, 2, 3]', None)
+        ex.run("def f(a):\n    return sorted(a)", "[3, 1, 2]")   # Result('ok', '[1, 2, 3]', None)
+        ex.run("def f(a):\n    return a * 2", ["1", "'x'"])       # [Result('ok', '2', ..), Result('ok', "'xx'", ..)]
+        ex.run_batch([(prog, "1"), (prog, ["1", "2"])], check_determinism=True)  # [Result, [Result, Result]]
 
-Per task, between fork and the program (child) and around it (zygote):
-  - the child is forked before its job arrives and does all of this, and a fixed warm-up call, while it
-    waits (a task then pays for its pipe hops and the program, not for fork and setup);
-  - own session and process group; parent-death SIGKILL; every inherited fd closed but the job pipe (closed
-    once read) and the result pipe; stdin, stdout, stderr on /dev/null (prints are discarded, `input()`
-    raises EOFError at once);
-  - cwd = a fresh 0700 directory on tmpfs (/dev/shm), removed afterwards; umask 077;
-  - rlimits: address space = zygote size + memory_mb, CPU = timeout + 1 s, file size 8 MiB, 64 fds,
-    no core dumps, 16 processes when a uid drop is active;
-  - wall-clock limit: the zygote SIGKILLs the whole process group, then sweeps (kills and reaps) every
-    process re-parented to it: it is a child subreaper, so setsid/double-fork escapees land there;
-  - the result frame is read as soon as it is complete, never by waiting for EOF (a grandchild holding
-    the pipe cannot stall a finished task); a frame over 64 KiB or off-schema is a `crash`; the zygote
-    answers first and cleans up (kill, reap, sweep, remove the dir) before it takes its next task;
-  - the next task's child: forked while the task runs when the active layers keep a task from reaching
-    another task's child and dir (Landlock with signal scoping, ABI >= 6, and seccomp), otherwise only
-    after the cleanup; one unused for 50 ms is retired, so an idle executor holds no child and no task dir.
-Defence layers, each detected when a zygote starts, checked by a probe fork, logged, and skipped with the
-reason when the kernel or the machine refuses it (the executor is still correct with none of them). The
-first zygote fixes the set: a later one (restart, other worker, determinism) that cannot enable all of
-them refuses to start, and its tasks are `internal`, rather than run with fewer.
-  - netns:    the zygote unshares a network namespace (userns + netns when not root): no usable network;
-              and an IPC namespace where allowed, so task-made SysV IPC never reaches the host's;
-  - uid:      when root, children drop to a per-zygote uid (61000 + 2 * worker + probe) with no groups;
-              refused where the stdlib is not readable by that uid (e.g. a pyenv under a 0700 /root);
-  - nocaps:   when root and still uid 0, children drop every capability;
-  - landlock: writes only inside the task dir; reads only the stdlib, /usr, /lib, /lib64 (not /proc,
-              /etc, /home, /root, the project); TCP bind/connect denied (ABI >= 4); signals and abstract
-              unix sockets scoped to the task (ABI >= 6), which also blocks ptrace and /proc/<pid>/mem;
-  - seccomp:  a hand-written BPF filter (x86-64 only): socket, exec, fork/vfork/clone without
-              CLONE_THREAD, ptrace, kill and friends, SIGIO ownership (fcntl F_SETOWN/F_SETSIG/
-              F_SETOWN_EX, ioctl FIOSETOWN/SIOCSPGRP), priority/affinity/scheduler changes to any
-              process but the caller, setsid/setpgid, setrlimit, mount/unshare/setns, bpf, io_uring,
-              keyctl, SysV IPC and POSIX message queues, uid changes, module and reboot calls fail with
-              EPERM (clone3 ENOSYS so glibc falls back to clone and threads still work).
-What is NOT protected: kernel exploits (run the whole trainer in a VM/container for hostile code);
-aggregate RAM across tasks and tmpfs files (no cgroups: K workers x memory_mb, plus files in task dirs,
-bounded only by the per-file size cap, and all task dirs share /dev/shm, which a task can fill until the
-cleanup after it); CPU contention between tasks; reads of world-readable files under /usr and the
-stdlib; a program forging its own result frame (it can only claim a value for f, which it controls
-anyway; the frame is schema- and value-checked); without Landlock and the uid drop, the executor's own
-files and signals; without seccomp, renicing or pinning other same-uid processes, and SysV IPC shared by
-the tasks of one zygote (a channel to the next task; without netns too, RAM that outlives the task);
-without netns/seccomp/landlock, the network; without seccomp (which denies socket()), pathname UNIX
-sockets of other same-uid processes (netns and Landlock do not govern connect() to them); escapees
-outliving a zygote that is itself killed. A program that sets up its own process group cannot hide from the subreaper sweep.
+A job is (program, inputs): one input text, or a list of them that run one after another in one task child
+(induction: 10 inputs to validate, 5 hidden ones to grade). Each input gets its own Result and its own
+timeout (the trainer times it from the previous input's result); the program runs afresh (a new module) for
+each input. An input that ends its child (timeout, crash, os._exit) gets that status and the inputs after it
+run in a fresh child, so one input never changes another's result. Lists longer than 16 use several children.
 
-Determinism (SPEC rule 5): `check_determinism=True` re-runs every job that succeeded in a second zygote per
-worker, started lazily with another PYTHONHASHSEED (and so another heap layout and `random` state). The job
-is `error: Nondeterministic` unless the second run is also `ok` and its value equals the first by
-`values_equal` (values, not reprs: a set returned in another order is the same set). A second run that
-fails for any reason but `internal` also counts as nondeterministic.
+No task data in the zygote (so none in any later fork): per job the trainer makes two pipes, writes the job
+into one, and passes the job's read end and the other's write end to the zygote as file descriptors over a
+socket; the zygote hands them on to a waiting child and closes its copies. The child reads its job and writes
+its result frames straight to the trainer. The zygote only ever holds fds and numbers (the input count; a
+per-job verdict: timed out or the child's wait status), never a job's or a result's bytes.
+
+Per job, in the child (all but the CPU limit before the job arrives, with a fixed warm-up call, so a job
+pays for its pipe hops and the program) and around it (zygote):
+  - own session and process group; parent-death SIGKILL; every inherited fd closed but its socket to the
+    zygote; stdin, stdout, stderr on /dev/null (prints are discarded, `input()` raises EOFError at once);
+  - cwd = a fresh 0700 task dir, umask 077; with mountns a tmpfs of its own (64 MiB, 16k inodes) that one
+    unmount removes whole, otherwise a dir on /dev/shm removed by an iterative, fd-based walk that never
+    follows a link; either way by the zygote, in a parent dir that is root's (read-only with mountns);
+  - rlimits: address space = zygote size + memory_mb, file size 8 MiB, 64 fds, no core dumps, with the uid
+    layer 16 threads and processes for the uid (its zygote's alone: see below); once the input count is
+    known (before any program code), CPU = (timeout + 1 s) per input;
+  - wall clock: the trainer times each input; the zygote kills the child at n inputs x timeout (or as soon as
+    the trainer has all it wants), SIGKILLs its process group, then sweeps (kills and reaps) every process
+    re-parented to it (it is a subreaper, or PID 1 of its namespace), so setsid/double-fork escapees go too;
+  - the trainer reads each result frame as soon as it is complete, never waiting for EOF (a grandchild
+    holding the pipe cannot stall a finished job); a frame over 64 KiB or off-schema is a `crash`;
+  - the next job's child is forked while a job runs when the layers keep a task from reaching another
+    task's child and dir (Landlock with signal scoping, ABI >= 6, and seccomp), otherwise after the cleanup;
+    one unused for 50 ms is retired, so an idle executor holds no child and no task dir.
+
+Defence layers, each detected when a zygote starts, confirmed by a probe task, logged, and skipped with the
+reason when the kernel or the machine refuses it. The first zygote fixes the set: a later one (restart, other
+worker, determinism) that cannot enable all of them refuses to start, and its jobs are `internal`. A root
+trainer whose tasks cannot get the uid layer refuses to start unless `unsafe=True`: a task running as uid 0,
+even without capabilities, owns every root-owned file.
+
+  netns     stops: the network (a net namespace; userns + netns when not root); the host's SysV IPC (an IPC
+            namespace). Without it: TCP/UDP to the host unless Landlock (TCP) or seccomp (socket) refuse it.
+  pidns     stops: seeing, signalling or pidfd-opening any host process, the trainer included (the zygote
+            is PID 1 of a PID namespace with its own /proc, hidepid; a UTS namespace: another hostname);
+            every task process dies with the zygote. Without it: /proc lists host processes (Landlock
+            forbids reading it, not stat), and escapees can outlive a zygote that is killed.
+  mountns   stops: seeing host files. The zygote pivot_roots into a tmpfs holding only the stdlib dirs and
+            /usr, /lib*, bound read-only at their own paths (sys.path unchanged, traversable by the task uid
+            however private their parents are: a pyenv under a 0700 /root), its /proc, and /task, where each
+            task gets its own tmpfs (a hard link or rename out of it is EXDEV). Without it: stat of any path,
+            reads Landlock allows, and no uid layer where the stdlib's parents are private.
+  uid       stops: everything DAC stops. Tasks run as a uid of their own, no groups: 61000 + k, claimed by an
+            flock on /run/azr-executor/<uid> that the zygote holds until it dies, so no two live zygotes on the
+            machine share one (other executors, other processes); RLIMIT_NPROC 16 caps its threads. Without
+            it, as root: the task owns every root-owned file (only seccomp keeps chmod, utime, xattrs off them),
+            has no thread cap, and reaches other uid-0 tasks' processes wherever Landlock does not.
+  nocaps    stops: capabilities of a task that stays uid 0 (root without the uid layer, or in a userns).
+  landlock  stops: writes outside the task dir; reads outside the stdlib, /usr, /lib*; TCP; signals, ptrace
+            (so /proc/<pid>/mem) and abstract unix sockets outside the task's own domain (ABI >= 6). Without
+            it: without mountns, reads of /etc, /home, the project; another task's dir under the same uid.
+  seccomp   stops (x86-64 BPF, EPERM): sockets, exec, fork (threads allowed), kill and friends, ptrace,
+            setrlimit (but of its own CPU limit), mount/unshare/setns/pivot_root, pidfd_open/getfd, bpf,
+            io_uring, keyctl, SysV IPC and mqueues, memfd_create, the chmod/chown/utime/xattr families (even
+            on the task's own files), every ioctl but six terminal and fd queries (so no FS_IOC_SETFLAGS,
+            FIOSETOWN, TIOCSTI), fcntl F_SETOWN, F_SETSIG, F_SETLEASE, F_NOTIFY, inotify and fanotify,
+            scheduling of any process but the caller.
+            Without it: renicing and SIGIO to same-uid processes, IPC between one zygote's tasks, RAM in
+            memfds outside the limits, inotify on what the task can see, and, as uid 0, metadata of root's files.
+
+With every layer on (this machine: root, pyenv under a 0700 /root, Linux 6.18) a task sees the stdlib, /usr,
+its own tmpfs and its own processes, runs as its own uid with no capabilities, and can still: read
+world-readable files under /usr and the stdlib, stat paths in them; use CPU up to its limits and RAM up to
+memory_mb (plus 64 MiB in its tmpfs) per running task, with no cgroup for the sum over workers; forge its own
+result frames (it can only claim values for f, which it controls anyway, and the trainer re-checks them);
+exploit a kernel bug (run the whole trainer in a VM or container for hostile code).
+
+Determinism (SPEC rule 5): `check_determinism=True` re-runs every input that ran `ok` in a second zygote per
+worker, started lazily, that differs in what a cheating program could read: another PYTHONHASHSEED (set
+order, hash()), another process (heap and ASLR layout, id(); `random` is reseeded at every fork anyway),
+monotonic and boot clocks 11.7 days ahead (a time namespace, where the kernel allows it: a warning says when
+not), a time zone 13.5 hours east, and a job's inputs in reverse order (outputs that depend on earlier calls
+in the same process). An input is `error: Nondeterministic` unless the second run is also `ok` with a value
+equal by `values_equal` (values, not reprs). It cannot see: the wall clock (time.time(), UTC dates) rounded
+to a second or more, as the second run follows within milliseconds; the middle input of an odd-length list
+(it keeps its place in the reversed order); addresses of static objects in a non-PIE interpreter or with
+ASLR off; anything the same in both runs by construction (the machine, the stdlib, the layout of /task).
 """
 import ast
 import ctypes
+import fcntl
 import json
 import math
 import os
 import resource
 import select
-import shutil
 import signal
+import socket
+import stat
 import struct
 import sys
 import time
@@ -266,8 +301,15 @@ def values_equal(a, b) -> bool:
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 22, 36, 38
-CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWIPC, CLONE_THREAD = 0x10000000, 0x40000000, 0x08000000, 0x00010000
+CLONE_NEWTIME, CLONE_THREAD, CLONE_NEWNS, CLONE_NEWUTS = 0x80, 0x10000, 0x20000, 0x04000000
+CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x10000000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
+MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
+MNT_DETACH = 2
+# statvfs flags equal to the MS_ flags of the same name: a read-only bind must keep them (locked in a userns)
+_KEPT_MOUNT_FLAGS = MS_NOEXEC | 1024 | 2048 | 4096  # | ST_NOATIME | ST_NODIRATIME | ST_RELATIME
 SYS_landlock_create_ruleset, SYS_landlock_add_rule, SYS_landlock_restrict_self = 444, 445, 446
+SYS_pivot_root = 155
 
 
 def _check(ret, what):
@@ -279,6 +321,26 @@ def _check(ret, what):
 
 def _prctl(option, arg2=0):
     _check(_libc.prctl(option, ctypes.c_ulong(arg2), 0, 0, 0), f"prctl({option})")
+
+
+def _unshare(flags):
+    _check(_libc.unshare(flags), f"unshare({flags:#x})")
+
+
+def _mount(source, target, fstype, flags, data=None):
+    enc = lambda s: None if s is None else s.encode()  # noqa: E731
+    ret = _libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data))
+    _check(ret, f"mount({target})")
+
+
+def _mount_proc(target):
+    """A fresh proc for this PID namespace. Processes of other uids stay invisible and there is nothing but
+    process dirs (no /proc/sys, kcore, ...) where the kernel knows these options (5.8+)."""
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    try:
+        _mount("proc", target, "proc", flags, "hidepid=invisible,subset=pid")
+    except OSError:
+        _mount("proc", target, "proc", flags)
 
 
 def _drop_capabilities():
@@ -308,26 +370,37 @@ def _landlock(abi: int, task_dir: str, read_dirs: list[str]):
 
 
 # x86-64 syscall numbers denied with EPERM. SysV IPC and POSIX message queues outlive the task (RAM outside
-# memory_mb, and a channel to the determinism re-run); the others reach other processes or the kernel.
+# memory_mb, and a channel to the determinism re-run); metadata calls reach files Landlock cannot guard (it has
+# no right for chmod, chown, utime or xattrs, and a task running as uid 0 owns every root-owned file); inotify
+# and fanotify tell names in directories a task cannot list; the others reach other processes or the kernel.
 _DENIED = dict(socket=41, socketpair=53, execve=59, execveat=322, fork=57, vfork=58, ptrace=101,
                process_vm_readv=310, process_vm_writev=311, kill=62, tkill=200, tgkill=234,
                rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, pidfd_send_signal=424, pidfd_getfd=438,
-               setsid=112, setpgid=109, setrlimit=160, mount=165, umount2=166, unshare=272, setns=308,
-               chroot=161, pivot_root=155, bpf=321, io_uring_setup=425, io_uring_enter=426,
+               pidfd_open=434, setsid=112, setpgid=109, setrlimit=160, mount=165, umount2=166, unshare=272,
+               setns=308, chroot=161, pivot_root=155, open_tree=428, move_mount=429, fsopen=430, fsconfig=431,
+               fsmount=432, fspick=433, mount_setattr=442, bpf=321, io_uring_setup=425, io_uring_enter=426,
                io_uring_register=427, keyctl=250, add_key=248, request_key=249, perf_event_open=298,
                userfaultfd=323, kexec_load=246, init_module=175, finit_module=313, delete_module=176,
                reboot=169, swapon=167, swapoff=168, acct=163, settimeofday=164, name_to_handle_at=303,
                open_by_handle_at=304, mknod=133, mknodat=259, setuid=105, setgid=106, setreuid=113,
                setregid=114, setresuid=117, setresgid=119, setgroups=116, capset=126, personality=135,
                kcmp=312, process_madvise=440, syslog=103, vhangup=153, iopl=172, ioperm=173,
-               fanotify_init=300, quotactl=179, move_pages=279, migrate_pages=256,
+               quotactl=179, move_pages=279, migrate_pages=256, memfd_create=319, memfd_secret=447,
                shmget=29, shmat=30, shmctl=31, semget=64, semop=65, semctl=66, semtimedop=220,
-               msgget=68, msgsnd=69, msgrcv=70, msgctl=71, mq_open=240)
+               msgget=68, msgsnd=69, msgrcv=70, msgctl=71, mq_open=240,
+               chmod=90, fchmod=91, fchmodat=268, fchmodat2=452, chown=92, fchown=93, lchown=94,
+               fchownat=260, utime=132, utimes=235, futimesat=261, utimensat=280, setxattr=188,
+               lsetxattr=189, fsetxattr=190, removexattr=197, lremovexattr=198, fremovexattr=199,
+               setxattrat=463, removexattrat=466, inotify_init=253, inotify_init1=294,
+               inotify_add_watch=254, fanotify_init=300, fanotify_mark=301)
 _SYS_clone, _SYS_clone3, _SYS_prlimit64, _SYS_fcntl, _SYS_ioctl = 56, 435, 302, 72, 16
 _SYS_setpriority, _SYS_ioprio_set = 141, 251
 _SYS_sched_setparam, _SYS_sched_setscheduler, _SYS_sched_setaffinity, _SYS_sched_setattr = 142, 144, 203, 314
-F_SETOWN, F_SETSIG, F_SETOWN_EX, FIOSETOWN, SIOCSPGRP = 8, 10, 15, 0x8901, 0x8902
-PRIO_PROCESS, IOPRIO_WHO_PROCESS = 0, 1
+F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE, F_NOTIFY = 8, 10, 15, 1024, 1026
+# The only ioctls a task may make (terminal queries, fd flags): none sets file flags (FS_IOC_SETFLAGS), a
+# file owner for SIGIO (FIOSETOWN) or injects terminal input (TIOCSTI).
+_IOCTLS = dict(TCGETS=0x5401, TIOCGWINSZ=0x5413, FIONREAD=0x541B, FIONBIO=0x5421, FIONCLEX=0x5450, FIOCLEX=0x5451)
+PRIO_PROCESS, IOPRIO_WHO_PROCESS, RLIMIT_CPU = 0, 1, 0
 
 
 def _seccomp_program() -> bytes:
@@ -345,9 +418,9 @@ def _seccomp_program() -> bytes:
             body += [insn(LD, offset), insn(JEQ, value, 0, 2 * (len(checks) - i - 1) + 1)]
         return body + [insn(RET, ALLOW), insn(RET, EPERM)]
 
-    def deny_if(offset, values):  # EPERM when the word is one of `values`
+    def one_of(offset, values, hit, miss):  # `hit` when the word is one of `values`, else `miss`
         body = [insn(LD, offset)] + [insn(JEQ, v, len(values) - i, 0) for i, v in enumerate(values)]
-        return body + [insn(RET, ALLOW), insn(RET, EPERM)]
+        return body + [insn(RET, miss), insn(RET, hit)]
 
     # Calls allowed or denied by their arguments. Each body ends in RET, so a call that is not this rule's
     # skips the body with its number still loaded. Arguments that the kernel reads as int are checked on
@@ -355,10 +428,14 @@ def _seccomp_program() -> bytes:
     rules = {
         _SYS_clone3: [insn(RET, ENOSYS)],                                    # glibc then falls back to clone
         _SYS_clone: [insn(LD, arg(0)), insn(JSET, CLONE_THREAD, 0, 1), insn(RET, ALLOW), insn(RET, EPERM)],
-        _SYS_prlimit64: allow_only_if([(arg(2), 0), (arg(2, high=True), 0)]),  # reading limits only
-        # SIGIO: a file owner set to another process gets signalled when the file becomes ready
-        _SYS_fcntl: deny_if(arg(1), [F_SETOWN, F_SETSIG, F_SETOWN_EX]),
-        _SYS_ioctl: deny_if(arg(1), [FIOSETOWN, SIOCSPGRP]),
+        # reading limits; and setting its own CPU limit, which a child does once, before the program runs,
+        # lowering the hard limit to what its job needs (raising it takes CAP_SYS_RESOURCE)
+        _SYS_prlimit64: [insn(LD, arg(1)), insn(JEQ, RLIMIT_CPU, 0, 3), insn(LD, arg(0)), insn(JEQ, 0, 0, 1),
+                         insn(RET, ALLOW)] + allow_only_if([(arg(2), 0), (arg(2, high=True), 0)]),
+        # SIGIO: a file owner set to another process gets signalled when the file becomes ready; leases and
+        # dnotify signal on other processes' accesses
+        _SYS_fcntl: one_of(arg(1), [F_SETOWN, F_SETSIG, F_SETOWN_EX, F_SETLEASE, F_NOTIFY], EPERM, ALLOW),
+        _SYS_ioctl: one_of(arg(1), list(_IOCTLS.values()), ALLOW, EPERM),
         # the scheduling of the caller itself only (pid 0): not the trainer's, not the next task's
         _SYS_setpriority: allow_only_if([(arg(0), PRIO_PROCESS), (arg(1), 0)]),
         _SYS_ioprio_set: allow_only_if([(arg(0), IOPRIO_WHO_PROCESS), (arg(1), 0)]),
@@ -381,12 +458,15 @@ class _SockFprog(ctypes.Structure):
 def _seccomp(program: bytes):
     _check(_libc.prctl(PR_SET_SECCOMP, 2, ctypes.byref(_SockFprog(len(program) // 8, program)), 0, 0),
            "seccomp")
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Framing: 4-byte big-endian length + UTF-8 JSON, both for trainer<->zygote and child->zygote.
+# Framing. A job travels trainer -> task child as one JSON object in a pipe the trainer fills and closes; each
+# result travels task child -> trainer as a 4-byte big-endian length + UTF-8 JSON {status, value, error}.
+# Trainer <-> zygote messages are datagrams on a SOCK_SEQPACKET socket: file descriptors and numbers only.
 
-_FRAME_CAP = 64 << 10
+_FRAME_CAP = 64 << 10   # one result frame
+_JOB_CAP = 1 << 20      # one job (program and inputs): the most a pipe holds, so the trainer never blocks
+_ERROR_CAP = 1000       # characters of a result's error text
+_MAX_BATCH = 16         # inputs per task child; a longer list runs in several children, transparently
 # Not threading: see the imports at the top.
 _PREIMPORTS = ("collections", "collections.abc", "itertools", "functools", "math", "cmath", "heapq",
                "bisect", "re", "string", "typing", "dataclasses", "copy", "operator", "statistics",
@@ -404,110 +484,204 @@ def _write_all(fd, data: bytes):
         data = data[os.write(fd, data):]
 
 
-def _read_exact(fd, n, deadline=None) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        if deadline is not None and not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            raise TimeoutError("no reply from zygote")
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            raise EOFError("zygote closed its pipe")
-        buf += chunk
-    return buf
+def _split_frames(buf: bytes) -> tuple[list[bytes], bytes]:
+    """The complete frames at the start of `buf` and the rest; ValueError on a frame over the cap."""
+    frames = []
+    while len(buf) >= 4:
+        (n,) = struct.unpack(">I", buf[:4])
+        if n > _FRAME_CAP:
+            raise ValueError(f"result frame over {_FRAME_CAP >> 10} KiB")
+        if len(buf) < 4 + n:
+            break
+        frames.append(buf[4:4 + n])
+        buf = buf[4 + n:]
+    return frames, buf
 
 
-def _checked(buf: bytes, max_output_chars: int) -> dict:
-    """A task's result frame may be forged by the program: accept only the schema, and only values that
-    parse (SPEC rule 3) within the output cap."""
-    bad = {"status": "crash", "value": None, "error": "Crash: malformed result frame"}
+def _finite(v) -> bool:
+    if isinstance(v, float):
+        return math.isfinite(v)
+    if isinstance(v, complex):
+        return math.isfinite(v.real) and math.isfinite(v.imag)
+    if isinstance(v, dict):
+        return all(_finite(x) for item in v.items() for x in item)
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return all(map(_finite, v))
+    return True
+
+
+def _checked(payload: bytes, max_output_chars: int) -> Result:
+    """A result frame may be forged by the program (it can write to its own result pipe): accept only the
+    schema, and an `ok` value only if it parses as a safe value (SPEC rule 3) with no inf or nan and its text
+    and its value's repr are within the output cap, whatever the frame claims."""
+    bad = Result("crash", None, "Crash: malformed result frame")
     try:
-        frame = json.loads(buf[4:])
+        frame = json.loads(payload)
     except (ValueError, RecursionError):  # `[[[[...` nested past the recursion limit is RecursionError
         return bad
     if (not isinstance(frame, dict) or set(frame) != {"status", "value", "error"}
             or frame["status"] not in STATUSES
             or not all(x is None or isinstance(x, str) for x in (frame["value"], frame["error"]))
-            or (frame["status"] == "ok") != isinstance(frame["value"], str)):
+            or (frame["status"] == "ok") != isinstance(frame["value"], str)
+            or (frame["status"] == "ok") != (frame["error"] is None)
+            or len(frame["error"] or "") > _ERROR_CAP):
         return bad
     if frame["status"] == "ok":
         try:
             if len(frame["value"]) > max_output_chars:
                 raise ValueError("over the output cap")
-            parse_value(frame["value"])
-        except ValueError:
+            value = parse_value(frame["value"])
+            if not _finite(value) or len(repr(value)) > max_output_chars:
+                raise ValueError("not a finite value within the output cap")
+        except (ValueError, RecursionError):
             return bad
-    return frame
-
-
-def _read_frame_bytes(fd, deadline=None, cap=1 << 30) -> bytes:
-    head = _read_exact(fd, 4, deadline)
-    (n,) = struct.unpack(">I", head)
-    if n > cap:
-        raise ValueError(f"frame of {n} bytes over the {cap} cap")
-    return head + _read_exact(fd, n, deadline)
-
-
-def _read_frame(fd, deadline=None, cap=1 << 30):
-    return json.loads(_read_frame_bytes(fd, deadline, cap)[4:])
-
-
+    return Result(frame["status"], frame["value"], frame["error"])
 # ---------------------------------------------------------------------------------------------------------
-# Zygote side: runs as `python -s -S -P executor.py --zygote CONFIG`, talks frames on fds 0/1.
+# Zygote side: runs as `python -s -S -P executor.py --zygote CONFIG` with its socket to the trainer on fd 0.
 
-_IDLE_S = 0.05  # a zygote's spare child outlives the last task by this much, at most
+_IDLE_S = 0.05            # a zygote's spare child outlives the last task by this much, at most
+_TASK_FS = "size=64m,nr_inodes=16384"   # each task's own tmpfs (mountns): what its files may take
+_UID_BASE, _UID_COUNT = 61000, 1000     # task uids: one per live zygote on the machine, claimed by a lock
+_UID_LOCK_DIRS = ("/run/azr-executor", "/dev/shm/azr-executor-uids")
+# The determinism zygote's monotonic and boot clocks run this far ahead (time namespace): 11.7 days and a
+# fraction, a multiple of no round unit, so a value derived from them differs even rounded to a day.
+_CLOCK_OFFSET = "1012345 678000000"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class _Task(NamedTuple):
-    """A forked child, confined and waiting for its job, as the zygote holds it."""
-    pid: int
-    pidfd: int      # readable once the child has exited
-    job_w: int      # the zygote writes the job frame here
-    result_r: int   # the child writes its one result frame here
-    task_dir: str
+class _Task:
+    """A forked child, confined and waiting for its job's pipes, as the zygote holds it."""
+
+    def __init__(self, pid, sock, task_dir):
+        self.pid, self.sock, self.task_dir = pid, sock, task_dir
+        self.pidfd = os.pidfd_open(pid)  # readable once the child has exited
 
 
 class _Zygote:
     def __init__(self, cfg):
         self.cfg = cfg
-        self.pid = os.getpid()
         self.layers, self.skipped = [], {}
         self.read_dirs = sorted({p for p in sys.path if os.path.isdir(p)} |
                                 {d for d in ("/usr", "/lib", "/lib64") if os.path.isdir(d)})
-        self.uid = None
+        self.probe_program = _probe_program(self.read_dirs)
+        self.ctl = _socket(0)
+        self.devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)  # tasks' stdio (no /dev in a private root)
+        self.userns = False
+        self.clock = "no offset" if not cfg["clock_offset"] else None
+        self.uid = self.uid_lock = None
         self.landlock_abi = 0
         self.seccomp_prog = None
+        self.task_root = cfg["base_dir"]
         self.serial = 0
         self.isolated = False  # whether two tasks' children may live at once: see detect_layers
         self.page_size = os.sysconf("SC_PAGE_SIZE")
+        self.cpu = math.ceil(cfg["timeout"]) + 1
+        self.compiled = (None, None)  # (program, code) of the job a child runs
 
-    # -- start: detect layers, each confirmed by a probe child that applies it and runs a smoke test --
-    def detect_layers(self):
-        wanted = self.cfg["layers"]
-        root = os.geteuid() == 0
+    # -- start: namespaces first (they decide what this process is), then layers, each confirmed by a probe --
+    def enter_namespaces(self) -> str | None:
+        """Unshare what the kernel allows. A new PID (or time) namespace takes effect for children only, so this
+        process forks once: the child, PID 1 of the new namespace, carries on as the zygote and this process
+        only waits for it (and takes it down by parent-death signal if it is killed). An error text if the
+        zygote cannot run (then there is nothing to undo but to exit)."""
+        wanted = [n for n in ("netns", "pidns", "mountns") if n in self.cfg["layers"]]
+        if os.geteuid() != 0 and (wanted or self.cfg["clock_offset"]):
+            try:  # capabilities inside a user namespace of our own; children drop them ("nocaps")
+                uid, gid = os.geteuid(), os.getegid()  # before the new namespace hides them
+                _unshare(CLONE_NEWUSER)
+                for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
+                                   ("gid_map", f"{gid} {gid} 1")):
+                    with open(f"/proc/self/{name}", "w") as fh:
+                        fh.write(text)
+                self.userns = True
+            except OSError as e:
+                self.skipped.update({n: str(e) for n in wanted})
+                self.clock, wanted = str(e), []
         if "netns" in wanted:
-            try:
-                uid, gid = os.geteuid(), os.getegid()  # before a new user namespace hides them
-                new = CLONE_NEWNET if root else CLONE_NEWUSER | CLONE_NEWNET
-                # A private IPC namespace too, where the kernel allows it: SysV IPC and POSIX message
-                # queues made by tasks then never reach the host's (seccomp also denies making them).
-                if _libc.unshare(new | CLONE_NEWIPC) < 0:
-                    _check(_libc.unshare(new), f"unshare({new:#x})")
-                if not root:
-                    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                                       ("gid_map", f"{gid} {gid} 1")):
-                        with open(f"/proc/self/{name}", "w") as fh:
-                            fh.write(text)
-                    _drop_capabilities()  # the new user namespace granted them; nothing here needs them
+            try:  # with an IPC namespace where allowed: task-made SysV IPC never reaches the host's
+                if _libc.unshare(CLONE_NEWNET | CLONE_NEWIPC) < 0:
+                    _unshare(CLONE_NEWNET)
                 self.layers.append("netns")
             except OSError as e:
                 self.skipped["netns"] = str(e)
+        if "pidns" in wanted or "mountns" in wanted:
+            try:
+                _unshare(CLONE_NEWNS)
+                _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing mounted here reaches the host
+            except OSError as e:
+                self.skipped.update({n: str(e) for n in ("pidns", "mountns") if n in wanted})
+            else:
+                if "pidns" in wanted:
+                    try:
+                        _unshare(CLONE_NEWPID | CLONE_NEWUTS)
+                        self.layers.append("pidns")
+                    except OSError as e:
+                        self.skipped["pidns"] = str(e)
+                if "mountns" in wanted:
+                    self.layers.append("mountns")  # the private root is built in detect_layers
+        if self.cfg["clock_offset"] and self.clock is None:
+            try:
+                _unshare(CLONE_NEWTIME)
+                with open("/proc/self/timens_offsets", "w") as fh:
+                    fh.write(f"monotonic {_CLOCK_OFFSET}\nboottime {_CLOCK_OFFSET}\n")
+                self.clock = "offset"
+            except OSError as e:
+                self.clock = str(e)
+        if "pidns" in self.layers or self.clock == "offset":
+            self.fork_into_namespaces()
+        self.pid = os.getpid()
+        if "pidns" in self.layers:
+            try:
+                _mount_proc("/proc")  # pids as this namespace sees them: the sweep kills by them
+                name = b"azr-sandbox"
+                _check(_libc.sethostname(name, len(name)), "sethostname")
+            except OSError as e:
+                return f"pidns: {e}; pass layers without 'pidns'"
+        return None
+
+    def fork_into_namespaces(self):
+        alive_r, alive_w = os.pipe()  # EOF on it tells the child its parent died before PDEATHSIG was set
+        pid = os.fork()
+        if pid:
+            for fd in (0, alive_r, self.devnull):
+                os.close(fd)  # the child talks to the trainer; its EOF on fd 0 must not wait for us
+            status = os.waitpid(pid, 0)[1]
+            os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+        os.close(alive_w)
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # if our parent is killed, the whole namespace dies with us
+        if select.select([alive_r], [], [], 0)[0]:
+            os._exit(1)
+        os.close(alive_r)
+
+    def detect_layers(self) -> str | None:
+        """The remaining layers, each enabled and confirmed by a probe task (skipped with the reason if the
+        probe fails). An error text if even a probe without them fails."""
+        wanted = self.cfg["layers"]
+        root = os.geteuid() == 0
+        uid_error = None
+        if "uid" in wanted and root:
+            try:  # before the private root hides the lock dir and passwd
+                self.claim_uid()
+            except OSError as e:
+                uid_error = str(e)
+        if "mountns" in self.layers:
+            try:
+                self.private_root()
+            except OSError as e:
+                self.layers.remove("mountns")
+                self.skipped["mountns"] = f"cannot build the private root: {e}"
+        r = self.probe()
+        if r.status != "ok":
+            return f"a probe task fails with the namespaces alone: {r.error or r.status}"
         candidates = []
         if "uid" in wanted:
-            if root:
-                candidates.append(("uid", lambda: setattr(self, "uid", self.cfg["uid"])))
+            if uid_error:
+                self.skipped["uid"] = uid_error
+            elif root:
+                candidates.append(("uid", lambda: None))
             else:
                 self.skipped["uid"] = "not root: children keep the caller's uid"
-        if "nocaps" in wanted and root:
+        if "nocaps" in wanted and (root or self.userns):
             candidates.append(("nocaps", lambda: None))
         if "landlock" in wanted:
             abi = _landlock_abi()
@@ -521,72 +695,189 @@ class _Zygote:
             else:
                 candidates.append(("seccomp", lambda: setattr(self, "seccomp_prog", _seccomp_program())))
         for name, enable in candidates:
-            saved = (self.uid, self.landlock_abi, self.seccomp_prog)
+            saved = (self.landlock_abi, self.seccomp_prog)
             enable()
             self.layers.append(name)
-            task = self.fork_task()
-            self.send(task, _frame({"program": _PROBE_PROGRAM, "inputs": ""}))
-            r = _checked(self.answer(task), self.cfg["max_output_chars"])
-            if r["status"] != "ok":
+            r = self.probe()
+            if r.status != "ok":
                 self.layers.pop()
-                self.uid, self.landlock_abi, self.seccomp_prog = saved
-                self.skipped[name] = f"probe task failed with it: {r['error'] or r['status']}"
+                self.landlock_abi, self.seccomp_prog = saved
+                self.skipped[name] = f"probe task failed with it: {r.error or r.status}"
+        if "uid" not in self.layers and self.uid_lock is not None:
+            os.close(self.uid_lock)  # release the claim
+            self.uid = self.uid_lock = None
         if "nocaps" in self.layers and "uid" in self.layers:
             self.layers.remove("nocaps")  # a non-zero uid holds no capabilities anyway
         # Landlock keeps a task out of other task dirs and (with ptrace) other domains' processes. Signals
         # take both: Landlock's signal scoping (ABI >= 6, SIGIO included) does not cover renicing or pinning
         # another process, and seccomp's denylist may miss a way to signal that the kernel scope covers.
         self.isolated = "landlock" in self.layers and self.landlock_abi >= 6 and "seccomp" in self.layers
+        return None
 
-    # -- the child: forked before its job arrives, it confines itself, then waits for the job --
-    def child(self, job_r, w, task_dir, as_limit):
-        """Always ends in os._exit. Everything before the job is read is the same for every task, so it
-        runs before the job arrives: a task pays only for its pipe hops and the program."""
+    def private_root(self):
+        """pivot_root into a tmpfs holding only the read dirs (bound read-only at their own paths, so sys.path is
+        unchanged and traversable by the task uid however private their ancestors are, e.g. a pyenv under a
+        0700 /root), a fresh /proc and /task, where each task gets a tmpfs of its own."""
+        new = self.cfg["base_dir"]
+        os.umask(0o022)  # the dirs made below must be traversable by the task uid
+        _mount("tmpfs", new, "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755,size=1m,nr_inodes=4096")
         try:
-            self.confine(job_r, w, task_dir, as_limit)
+            bound = []
+            for d in self.read_dirs:  # sorted: a dir comes before what is inside it
+                if any(d.startswith(b + "/") for b in bound):
+                    continue
+                os.makedirs(os.path.dirname(new + d), 0o755, exist_ok=True)
+                if os.path.islink(d):  # /lib -> usr/lib: the same link, to a target bound on its own
+                    os.symlink(os.readlink(d), new + d)
+                    continue
+                os.mkdir(new + d, 0o755)
+                _mount(d, new + d, None, MS_BIND)  # not MS_REC: mounts below d stay hidden
+                kept = os.statvfs(d).f_flag & _KEPT_MOUNT_FLAGS
+                _mount(None, new + d, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | kept)
+                bound.append(d)
+            os.mkdir(new + "/proc", 0o555)
+            if "pidns" in self.layers:
+                _mount("/proc", new + "/proc", None, MS_BIND)  # the one enter_namespaces made
+            else:
+                _mount_proc(new + "/proc")
+            os.mkdir(new + "/task", 0o711)
+            _mount("tmpfs", new + "/task", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   "mode=0711,size=1m,nr_inodes=4096")
+            os.mkdir(new + "/.old")
+            _check(_libc.syscall(SYS_pivot_root, new.encode(), (new + "/.old").encode()), "pivot_root")
+        except OSError:
+            _libc.umount2(new.encode(), MNT_DETACH)
+            raise
+        os.chdir("/")
+        _check(_libc.umount2(b"/.old", MNT_DETACH), "umount2(old root)")
+        os.rmdir("/.old")
+        _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        self.task_root = "/task"
+
+    def claim_uid(self):
+        """A uid no other live zygote on this machine uses: an flock on <lock dir>/<uid>, which this process
+        holds until it dies, when the kernel releases it. Two zygotes sharing a uid could signal each other's
+        tasks and share one RLIMIT_NPROC count. Uids known to passwd or group are skipped."""
+        import grp
+        import pwd
+        why = []
+        for lock_dir in _UID_LOCK_DIRS:
+            try:
+                os.mkdir(lock_dir, 0o700)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                why.append(str(e))
+                continue
+            st = os.lstat(lock_dir)
+            if stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and not st.st_mode & 0o022:
+                break
+            why.append(f"{lock_dir} is not a directory only root can write")
+        else:
+            raise OSError(f"no lock directory for task uids ({'; '.join(why)})")
+        for uid in range(_UID_BASE, _UID_BASE + _UID_COUNT):
+            try:
+                pwd.getpwuid(uid)
+                continue
+            except KeyError:
+                pass
+            try:
+                grp.getgrgid(uid)
+                continue
+            except KeyError:
+                pass
+            fd = os.open(f"{lock_dir}/{uid}", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.uid, self.uid_lock = uid, fd
+            return
+        raise OSError(f"all task uids {_UID_BASE}..{_UID_BASE + _UID_COUNT - 1} are taken")
+
+    def probe(self) -> Result:
+        """Run the probe program in a task child, the way a real task runs (the probe is no task's data)."""
+        task = self.fork_task()
+        job_r, job_w = os.pipe()
+        result_r, result_w = os.pipe()
+        _write_all(job_w, json.dumps({"program": self.probe_program, "inputs": [""]}).encode())
+        os.close(job_w)
+        self.hand(task, [job_r, result_w], 1)
+        self.supervise(task, 1)
+        buf = b""
+        os.set_blocking(result_r, False)
+        try:
+            while chunk := os.read(result_r, _FRAME_CAP):
+                buf += chunk
+        except BlockingIOError:
+            pass
+        os.close(result_r)
+        self.finish(task)  # kills it, if the deadline passed
+        try:
+            frames, _ = _split_frames(buf)
+        except ValueError:
+            frames = []
+        return _checked(frames[0], self.cfg["max_output_chars"]) if frames else Result("crash", None, "no result")
+
+    # -- the child: forked before its job arrives, it confines itself, then waits for the job's pipes --
+    def child(self, sock, task_dir, as_limit):
+        """Always ends in os._exit. Everything before the job's pipes arrive is the same for every task (all
+        but the CPU limit, set for the job's input count), so it runs before: a task pays for its pipe hops
+        and the program."""
+        setup_error = None
+        try:
+            self.confine(sock, task_dir, as_limit)
         except BaseException as e:  # setup failed: never run the program unconfined
-            frame = {"status": "internal", "value": None,
-                     "error": f"sandbox setup failed: {type(e).__name__}: {e}"[:1000]}
+            setup_error = _setup_failed(e)
         else:
             # A fork copies each page on the first write to it. A fixed warm-up call takes most of the copies
             # the real call needs (parser, compiler, json) before the job arrives, off the task's clock.
             self.call("def f(x):\n    return [x, {'k': (x,)}]", "1")
-            try:
-                job = _read_frame(job_r)
-            except BaseException:  # the zygote is gone: nobody to answer
-                os._exit(0)
-            os.close(job_r)
-            frame = self.call(job["program"], job["inputs"])
         try:
-            _write_all(w, _frame(frame))
+            with _socket(sock) as s:
+                msg, (job_r, result_w), _, _ = socket.recv_fds(s, 8, 2)
+            (n,) = struct.unpack("<I", msg)
+        except BaseException:  # the zygote is gone: nobody to answer
+            os._exit(0)
+        try:
+            if setup_error is None:
+                try:  # CPU time: timeout + 1 s per input, the backstop behind the wall clock (SIGXCPU: timeout)
+                    _limit(resource.RLIMIT_CPU, self.cpu * n, self.cpu * n + 1)
+                except BaseException as e:
+                    setup_error = _setup_failed(e)
+            if setup_error is not None:
+                _write_all(result_w, _frame(setup_error))
+                os._exit(0)
+            data = b""
+            while chunk := os.read(job_r, 1 << 20):
+                data += chunk
+            os.close(job_r)
+            job = json.loads(data)
+            for inputs in job["inputs"]:
+                frame = self.call(job["program"], inputs)
+                frame["error"] = frame["error"] and frame["error"][:_ERROR_CAP]
+                _write_all(result_w, _frame(frame))
         finally:
             os._exit(0)
 
-    def confine(self, job_r, w, task_dir, as_limit):
+    def confine(self, sock, task_dir, as_limit):
         os.setsid()
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != self.pid:
             os._exit(1)
-        null = os.open("/dev/null", os.O_RDWR)
         for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        low = 3
-        for keep in sorted((job_r, w)):
-            os.closerange(low, keep)
-            low = keep + 1
-        os.closerange(low, 1 << 20)
+            os.dup2(self.devnull, fd)
+        os.closerange(3, sock)
+        os.closerange(sock + 1, 1 << 20)
         os.chdir(task_dir)
         os.umask(0o077)
-        cpu = math.ceil(self.cfg["timeout"]) + 1
-        for res, lim in ((resource.RLIMIT_AS, as_limit), (resource.RLIMIT_CPU, cpu),
-                         (resource.RLIMIT_FSIZE, 8 << 20), (resource.RLIMIT_NOFILE, 64),
-                         (resource.RLIMIT_CORE, 0)):
-            soft, hard = lim, lim + (res == resource.RLIMIT_CPU)
-            old_hard = resource.getrlimit(res)[1]
-            if old_hard != resource.RLIM_INFINITY:
-                soft, hard = min(soft, old_hard), min(hard, old_hard)
-            resource.setrlimit(res, (soft, hard))
+        for res, soft, hard in ((resource.RLIMIT_AS, as_limit, as_limit), (resource.RLIMIT_NOFILE, 64, 64),
+                                (resource.RLIMIT_FSIZE, 8 << 20, 8 << 20), (resource.RLIMIT_CORE, 0, 0),
+                                (resource.RLIMIT_CPU, self.cpu, self.cpu * _MAX_BATCH + 1)):  # set per job
+            _limit(res, soft, hard)
         if "uid" in self.layers:
+            # threads and processes of this uid, machine-wide: the uid is this zygote's alone (claim_uid)
             resource.setrlimit(resource.RLIMIT_NPROC, (16, 16))
             os.setgroups([])
             os.setresgid(self.uid, self.uid, self.uid)
@@ -600,7 +891,8 @@ class _Zygote:
             _seccomp(self.seccomp_prog)
 
     def call(self, program, inputs):
-        """SPEC rules 3-4 inside the sandbox: parse inputs, run the program, f(*args), repr, re-parse."""
+        """SPEC rules 3-4 inside the sandbox: parse inputs, run the program, f(*args), repr, re-parse. The
+        program runs afresh (a new module) for every input of a job."""
         try:
             try:
                 args, kwargs = parse_args(inputs)
@@ -608,7 +900,9 @@ class _Zygote:
                 return {"status": "error", "value": None, "error": f"InvalidInput: {e}"}
             module = types.ModuleType("__main__")  # a real module: dataclasses and typing look it up
             sys.modules["__main__"] = module
-            exec(compile(program, "<program>", "exec"), module.__dict__)
+            if self.compiled[0] is not program:  # compile once per job, not per input
+                self.compiled = (program, compile(program, "<program>", "exec"))
+            exec(self.compiled[1], module.__dict__)
             f = module.__dict__.get("f")
             if not callable(f):
                 return {"status": "error", "value": None, "error": "NameError: the program defines no function f"}
@@ -632,121 +926,81 @@ class _Zygote:
                 msg = str(e)
             except BaseException:
                 msg = "<unprintable>"
-            return {"status": "error", "value": None, "error": f"{type(e).__name__}: {msg}"[:1000]}
+            return {"status": "error", "value": None, "error": f"{type(e).__name__}: {msg}"}
 
-    # -- the zygote side of one task --
+    # -- the zygote side of one task: it handles the task's file descriptors, never its bytes --
     def fork_task(self) -> _Task:
-        """Fork the child for the next task, before the task is known (see `child`)."""
+        """Fork the child for the next task, before the task is known (see `child`), in a fresh directory:
+        with a private root, a tmpfs of its own (size-capped, removed whole by one unmount, and a different
+        file system from everything else, so not even a hard link leads out of it)."""
         self.serial += 1
-        task_dir = os.path.join(self.cfg["base_dir"], str(self.serial))
+        task_dir = os.path.join(self.task_root, str(self.serial))
         os.mkdir(task_dir, 0o700)
-        if self.uid is not None:
+        if self.task_root == "/task":
+            owner = f",uid={self.uid},gid={self.uid}" if "uid" in self.layers else ""
+            _mount("tmpfs", task_dir, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"mode=0700{owner},{_TASK_FS}")
+        elif "uid" in self.layers:
             os.chown(task_dir, self.uid, self.uid)
         as_limit = int(_read_proc("/proc/self/statm").split()[0]) * self.page_size + (self.cfg["memory_mb"] << 20)
-        job_r, job_w = os.pipe()
-        result_r, w = os.pipe()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = ours.detach(), theirs.detach()  # raw fds: no socket object to close them at a GC later
         pid = os.fork()
         if pid == 0:
-            self.child(job_r, w, task_dir, as_limit)
-        os.close(job_r)
-        os.close(w)
-        return _Task(pid, os.pidfd_open(pid), job_w, result_r, task_dir)
+            self.child(theirs, task_dir, as_limit)
+        os.close(theirs)
+        return _Task(pid, ours, task_dir)
 
-    @staticmethod
-    def send(task, job: bytes):
-        """Hand the job (a request frame) to the task's waiting child."""
-        try:
-            _write_all(task.job_w, job)
-        except BrokenPipeError:
-            pass  # the child died before reading it (setup failed): its frame or exit status tells why
-        os.close(task.job_w)
+    def hand(self, task, fds, n):
+        """Pass the job's pipes (job to read, results to write) to the waiting child and keep no copy: the
+        zygote never reads a job or a result, so no fork of it inherits one."""
+        with _socket(task.sock) as s:
+            try:
+                socket.send_fds(s, [struct.pack("<I", n)], fds)
+            except OSError:
+                pass  # the child died before (setup failed): its exit status tells why
+        task.sock = None
+        for fd in fds:
+            os.close(fd)
 
-    def answer(self, task, reply=lambda frame: None, spare=None):
-        """`reply` gets the task's result as soon as it is known, before the (slower) cleanup."""
-        frame = self.supervise(task)
-        if frame is not None:
-            reply(frame)  # a frame, a timeout or an overflow needs no exit status: answer before cleanup
-        status = self.finish(task, spare)
-        if frame is None:
-            frame = self.exit_result(status)
-            reply(frame)
-        return frame
-
-    def finish(self, task, spare=None) -> int:
-        """Kill the task's process group, reap it, sweep its escapees (not the next task's child), remove
-        its dir; its wait status."""
-        status = _kill_task(task.pid)
-        os.close(task.pidfd)
-        os.close(task.result_r)
-        _sweep(self.pid, keep=spare.pid if spare else None)
-        _remove_tree(task.task_dir)
-        return status
-
-    def supervise(self, task):
-        """Wait for the frame, the child's exit, the deadline, or the trainer's exit; the result, or None
-        when only the exit status can tell."""
-        r, pid = task.result_r, task.pid
+    def supervise(self, task, n) -> bool:
+        """Wait for the child's exit, its deadline (n inputs x timeout: the trainer times each input), or any
+        message or EOF from the trainer, which then has all it wants from this task (or is gone). True when the
+        deadline passed."""
         poller = select.poll()
-        for fd in (r, task.pidfd, 0):
+        for fd in (task.pidfd, 0):
             poller.register(fd, select.POLLIN)
-        deadline = time.monotonic() + self.cfg["timeout"]
-        buf, exited, trainer_gone, timed_out = b"", False, False, False
-        while not _complete(buf) and len(buf) <= _FRAME_CAP and not exited:
+        deadline = time.monotonic() + n * self.cfg["timeout"]
+        while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                timed_out = True
-                break
-            for fd, ev in poller.poll(remaining * 1000):
-                if fd == r:
-                    chunk = os.read(r, _FRAME_CAP)
-                    buf += chunk
-                    if not chunk:
-                        poller.unregister(r)  # all writers gone; the pidfd tells when the child exits
-                elif fd == task.pidfd:
-                    exited = True
-                else:
-                    trainer_gone = True  # fd 0 is readable only at EOF while a task runs
-            if trainer_gone:
-                break
-        if exited:  # the child may have written its frame just before exiting
-            os.set_blocking(r, False)
+                return True
+            if poller.poll(remaining * 1000):
+                return False
+
+    def finish(self, task, spare=None):
+        """Kill the task's process group, reap it, sweep its escapees (not the next task's child), remove its
+        dir."""
+        if task.sock is not None:  # a spare retired unused
+            os.close(task.sock)
+        _kill_task(task.pid)
+        os.close(task.pidfd)
+        _sweep(keep=spare.pid if spare else None)
+        if self.task_root == "/task":
+            _libc.umount2(task.task_dir.encode(), MNT_DETACH)  # everything the task wrote, at once
             try:
-                while len(buf) <= _FRAME_CAP and (chunk := os.read(r, _FRAME_CAP)):
-                    buf += chunk
-            except BlockingIOError:
+                os.rmdir(task.task_dir)
+            except OSError:
                 pass
-        if trainer_gone:
-            _kill_task(pid)
-            _sweep(self.pid)
-            sys.exit(0)
-        return self.result(buf, timed_out)
-
-    def result(self, buf, timed_out):
-        """The child's frame is passed on as bytes, unparsed: the trainer checks it (`_checked`). Parsing it
-        here would make the zygote write to memory it shares with its children: a page copy per page."""
-        if _complete(buf) and 4 + struct.unpack(">I", buf[:4])[0] <= _FRAME_CAP:
-            return buf[:4 + struct.unpack(">I", buf[:4])[0]]
-        if timed_out:
-            return _frame({"status": "timeout", "value": None, "error": f"Timeout: over {self.cfg['timeout']} s"})
-        if len(buf) > _FRAME_CAP or _complete(buf):
-            return _frame({"status": "crash", "value": None, "error": "Crash: result frame over 64 KiB"})
-        return None  # the child exited without a frame: its exit status tells why
-
-    @staticmethod
-    def exit_result(status):
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            if sig == signal.SIGXCPU:
-                return _frame({"status": "timeout", "value": None, "error": "Timeout: CPU time limit"})
-            return _frame({"status": "crash", "value": None, "error": f"Crash: killed by {signal.Signals(sig).name}"})
-        return _frame({"status": "crash", "value": None,
-                       "error": f"Crash: exited with status {os.WEXITSTATUS(status)} without a result"})
+        else:
+            _remove_tree(task.task_dir)
 
     def serve(self):
-        """Trainer requests, one at a time. The next task's child is forked while this task runs, so it is
-        confined by the time its job comes, when the layers keep a task from reaching another task's child
-        and dir (`isolated`); otherwise only once this task is cleaned up. A spare child left unused for
-        _IDLE_S is retired, so an idle zygote holds no child and no task dir."""
+        """Trainer requests, one at a time: b"j" + the input count with the job's two pipes; anything else (b"k",
+        sent once the trainer has what it wants from a job) only ends the running child, if it still runs.
+        The next job's child is forked while this one runs, so it is confined by the time its job comes, when
+        the layers keep a task from reaching another task's child and dir (`isolated`); otherwise only once
+        this one is cleaned up. A spare child left unused for _IDLE_S is retired, so an idle zygote holds no
+        child and no task dir."""
         spare = None
         while True:
             if spare is not None and not select.select([0], [], [], _IDLE_S)[0]:
@@ -754,25 +1008,58 @@ class _Zygote:
                 spare = None
                 continue
             try:
-                job = _read_frame_bytes(0)
-            except EOFError:
+                msg, fds, _, _ = socket.recv_fds(self.ctl, 16, 2)
+            except OSError:
+                msg, fds = b"", []
+            if not msg:  # EOF: the trainer closed the executor or died
                 if spare is not None:
                     self.finish(spare)
                 return
+            if msg[:1] != b"j" or len(msg) != 5 or len(fds) != 2:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            (n,) = struct.unpack("<I", msg[1:])
             task = spare or self.fork_task()
-            self.send(task, job)
+            self.hand(task, fds, n)
             spare = self.fork_task() if self.isolated else None
-            self.answer(task, lambda frame: _write_all(1, frame), spare)
+            timed_out = self.supervise(task, n)
+            status = _kill_task(task.pid)
+            try:  # the verdict: what the trainer needs when the task's results stop short
+                self.ctl.send(struct.pack("<Bi", timed_out, status))
+            except OSError:
+                pass  # the trainer is gone: the next recv says so
+            self.finish(task, spare)
             spare = spare or self.fork_task()
 
 
-_PROBE_PROGRAM = """
-import colorsys  # a stdlib module the zygote did not pre-import: imports must still work
-def f():
-    with open("probe.txt", "w") as fh:
-        fh.write("ok")
-    return open("probe.txt").read() + str(len(colorsys.__name__))
-"""
+def _socket(fd) -> socket.socket:
+    """A socket object owning `fd`, one end of a SOCK_SEQPACKET pair (given, so no getsockopt calls)."""
+    return socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fd)
+
+
+def _probe_program(read_dirs) -> str:
+    """A task that writes and reads its dir and imports stdlib modules the zygote did not load: a pure one and,
+    where the stdlib has it as a file, an extension that loads a system library (zlib -> libz)."""
+    zlib = any(name.startswith("zlib.") and name.endswith(".so") for d in read_dirs if d.endswith("lib-dynload")
+               for name in os.listdir(d))
+    return ("import colorsys\n" + ("import zlib\n" if zlib else "") +
+            "def f():\n"
+            "    with open('probe.txt', 'w') as fh:\n"
+            "        fh.write('ok')\n"
+            "    return open('probe.txt').read() + str(len(colorsys.__name__))\n")
+
+
+def _setup_failed(e) -> dict:
+    return {"status": "internal", "value": None, "error": f"sandbox setup failed: {type(e).__name__}: {e}"}
+
+
+def _limit(res, soft, hard):
+    """setrlimit, never above a hard limit the zygote itself was given."""
+    old_hard = resource.getrlimit(res)[1]
+    if old_hard != resource.RLIM_INFINITY:
+        soft, hard = min(soft, old_hard), min(hard, old_hard)
+    resource.setrlimit(res, (soft, hard))
 
 
 def _kill_task(pid: int) -> int:
@@ -782,42 +1069,90 @@ def _kill_task(pid: int) -> int:
             kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-    return os.waitpid(pid, 0)[1]
-
-
-def _complete(buf: bytes) -> bool:
-    return len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]
+    try:
+        return os.waitpid(pid, 0)[1]
+    except ChildProcessError:  # reaped already (finish after the verdict's kill)
+        return 0
 
 
 def _remove_tree(path: str):
-    """Remove a task dir, also when the task chmod-ed its subdirs to 000. Never raises: a leftover file
-    must not kill the zygote. Runs once the task's processes are dead, so nothing changes underfoot, and
-    it never follows a symlink (chmod would follow it out of the dir)."""
+    """Remove a tree a task built; never raises, never follows a symlink. Iterative and by fd, one level open
+    at a time (a task may nest dirs far past the recursion limit and PATH_MAX), linear in the tree's size,
+    making dirs the task locked searchable again. Runs once the task's processes are dead, so nothing changes
+    underfoot; each step up is checked against the inode it came down from all the same."""
     try:
         os.rmdir(path)  # most tasks write no files
         return
     except OSError:
         pass
-    dirs = [path]
-    while dirs:  # a loop, not recursion: a task may nest directories thousands deep
-        d = dirs.pop()
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError:
+        return
+    levels = []  # per level below `path`: (name in its parent, the parent's (dev, ino), subdirs left to visit)
+    subdirs = None
+    while True:
+        if subdirs is None:
+            subdirs = []
+            try:
+                with os.scandir(fd) as entries:
+                    for e in entries:
+                        if e.is_dir(follow_symlinks=False):
+                            subdirs.append(e.name)
+                        else:
+                            try:
+                                os.unlink(e.name, dir_fd=fd)
+                            except OSError:
+                                pass
+            except OSError:
+                pass
+        if subdirs:
+            name = subdirs.pop()
+            try:
+                try:
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                except PermissionError:  # a task chmod-ed it 000 (where it may): the owner may undo that
+                    os.chmod(name, 0o700, dir_fd=fd)
+                    child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                continue
+            st = os.fstat(fd)
+            levels.append((name, (st.st_dev, st.st_ino), subdirs))
+            os.close(fd)
+            fd, subdirs = child, None
+            continue
+        if not levels:
+            break
+        name, parent_id, subdirs = levels.pop()
         try:
-            os.chmod(d, 0o700)
-            with os.scandir(d) as entries:
-                dirs += [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+            parent = os.open("..", _DIR_FLAGS, dir_fd=fd)
+        except OSError:
+            break
+        os.close(fd)
+        fd = parent
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != parent_id:
+            break  # moved under us: stop rather than remove anything outside the tree
+        try:
+            os.rmdir(name, dir_fd=fd)
         except OSError:
             pass
-    shutil.rmtree(path, ignore_errors=True)
+    os.close(fd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
-def _sweep(zygote_pid: int, keep: int | None = None):
-    """Kill and reap every process re-parented to the (subreaper) zygote, generation by generation; all
-    its children are tasks' descendants but `keep`, the next task's child."""
+def _sweep(keep: int | None = None):
+    """Kill and reap every process re-parented to the zygote (a child subreaper, or PID 1 of its namespace),
+    generation by generation; all its children are tasks' descendants but `keep`, the next task's child."""
     for _ in range(1000):
         try:
-            kids = [int(k) for k in _read_proc(f"/proc/{zygote_pid}/task/{zygote_pid}/children").split()]
+            kids = [int(k) for k in _read_proc("/proc/thread-self/children").split()]
         except FileNotFoundError:  # kernel without CONFIG_PROC_CHILDREN: scan /proc
-            kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == zygote_pid]
+            me = os.getpid()
+            kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == me]
         kids = [k for k in kids if k != keep]
         if not kids:
             return
@@ -853,55 +1188,69 @@ def _ppid(pid: str) -> int:
 
 def _zygote_main(cfg_json: str):
     cfg = json.loads(cfg_json)
+    zygote = _Zygote(cfg)
+    refused = zygote.enter_namespaces()  # from here on this is the zygote: PID 1 of its namespace, if any
     for name in _PREIMPORTS:
         __import__(name)
     import gc
-    import random
-    random.seed(cfg["hashseed"])
     assert "threading" not in sys.modules, "its at-fork hook would slow every task: see the imports at the top"
     sys.set_int_max_str_digits(4300)  # the same everywhere: it decides which big-int reprs fail
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
-    zygote = _Zygote(cfg)
-    zygote.detect_layers()
+    refused = refused or zygote.detect_layers()
     missing = [name for name in cfg["required"] if name not in zygote.layers]
     if missing:  # the executor's first zygote had them: never run tasks with fewer layers than it did
-        why = "; ".join(f"{name}: {zygote.skipped.get(name, 'not requested')}" for name in missing)
-        _write_all(1, _frame({"refused": f"required layers unavailable ({why})"}))
-        return
+        refused = "required layers unavailable (" + "; ".join(
+            f"{name}: {zygote.skipped.get(name, 'not requested')}" for name in missing) + ")"
+    if refused:
+        zygote.ctl.send(json.dumps({"refused": refused}).encode())
+        os._exit(0)
     gc.collect()
     gc.freeze()  # keep pre-imported objects' pages shared between forks
-    _write_all(1, _frame({"layers": zygote.layers, "skipped": zygote.skipped}))
+    zygote.ctl.send(json.dumps({"layers": zygote.layers, "skipped": zygote.skipped, "uid": zygote.uid,
+                                "clock": zygote.clock}).encode())
     zygote.serve()
-
-
+    os._exit(0)
 # ---------------------------------------------------------------------------------------------------------
 # Trainer side.
 
-LAYERS = ("netns", "uid", "nocaps", "landlock", "seccomp")
-_UID_BASE = 61000
+LAYERS = ("netns", "pidns", "mountns", "uid", "nocaps", "landlock", "seccomp")
+_GRACE_S = 0.25  # the trainer's per-input clock waits this much past the timeout for the zygote's own verdict
 
 
 class _ZygoteProcess:
-    """One zygote as seen by the trainer; restarted lazily after it dies or misbehaves."""
+    """One zygote as seen by the trainer; restarted lazily after it dies or misbehaves. Talks to it over a
+    SOCK_SEQPACKET socket: sends b"j" + the number of inputs with a job's two pipes attached, reads one
+    verdict per job (when the task child ended and how). The trainer writes the job into its pipe and reads
+    the results from the other itself, as the child writes them."""
 
     def __init__(self, index, hashseed, cfg):
         self.index, self.hashseed, self.cfg = index, hashseed, cfg
-        self.proc, self.base_dir, self.hello = None, None, None
+        self.proc = self.ctl = self.base_dir = self.hello = None
         self.starts = 0
+        self.pending = 0  # verdicts of earlier jobs still to come (results are returned before them)
 
     def start(self):
         shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # tmpfs: ~20 us per task dir, not ~10 ms
         self.base_dir = tempfile.mkdtemp(prefix="azr-exec-", dir=shm)
         os.chmod(self.base_dir, 0o711)
-        cfg = dict(self.cfg, hashseed=self.hashseed, base_dir=self.base_dir, uid=_UID_BASE + self.index)
+        # The determinism zygote differs in what a cheating program could read: hash seed (and so heap layout
+        # and `random`), monotonic and boot clocks (a time namespace), local time zone (13.5 h east).
+        canonical = self.hashseed == 0
+        cfg = dict(self.cfg, hashseed=self.hashseed, base_dir=self.base_dir, clock_offset=not canonical)
         env = {"PYTHONHASHSEED": str(self.hashseed), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
-               "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-s", "-S", "-P", os.path.abspath(__file__), "--zygote", json.dumps(cfg)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=self.base_dir, start_new_session=True, close_fds=True)
+               "OMP_NUM_THREADS": "1", "TZ": "UTC0" if canonical else "<+1330>-13:30"}
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-s", "-S", "-P", os.path.abspath(__file__), "--zygote", json.dumps(cfg)],
+                stdin=theirs, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd="/",
+                start_new_session=True, close_fds=True)
+        finally:
+            theirs.close()
+        self.ctl, self.pending = ours, 0
         self.starts += 1
         try:
-            self.hello = _read_frame(self.proc.stdout.fileno(), time.monotonic() + 60, _FRAME_CAP)
+            self.hello = json.loads(self.recv(time.monotonic() + 60))
         except (OSError, EOFError, ValueError) as e:
             self.stop()
             raise RuntimeError(f"executor zygote failed to start ({e}); run `{sys.executable} -s -S -P "
@@ -910,27 +1259,136 @@ class _ZygoteProcess:
             self.stop()
             log.warning("executor: zygote %d refused to start: %s", self.index, self.hello["refused"])
             raise RuntimeError(f"executor zygote refused to start: {self.hello['refused']}")
+        if "mountns" in self.hello["layers"]:  # only the mount point of its root until pivot_root: remove it now,
+            os.rmdir(self.base_dir)            # so that even a trainer that dies leaves nothing on /dev/shm
+        if not canonical and self.hello["clock"] != "offset":
+            log.warning("executor: determinism zygote %d runs without a clock offset: %s", self.index,
+                        self.hello["clock"])
 
-    def call(self, program, inputs) -> Result:
-        if self.proc is None or self.proc.poll() is not None:
-            if self.starts:
-                log.warning("executor: zygote %d restarting (its last one exited with %s)", self.index,
-                            None if self.proc is None else self.proc.returncode)
-            self.stop()
-            self.start()
+    def recv(self, deadline) -> bytes:
+        if not select.select([self.ctl], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            raise TimeoutError("no reply from zygote")
+        msg = self.ctl.recv(1 << 16)
+        if not msg:
+            raise EOFError("zygote closed its socket")
+        return msg
+
+    def call(self, program, inputs: list[str]) -> list[Result]:
+        """f on every input, in order, each with its own timeout and Result. Inputs run one after another in
+        one task child; an input that ends its child (timeout, crash) gets that status and the inputs after
+        it continue in a fresh child, so one input's failure never changes another's result."""
+        results = []
+        while len(results) < len(inputs):
+            if self.proc is None or self.proc.poll() is not None:
+                if self.starts:
+                    log.warning("executor: zygote %d restarting (its last one exited with %s)", self.index,
+                                None if self.proc is None else self.proc.returncode)
+                self.stop()
+                self.start()
+            try:
+                results += self.job(program, inputs[len(results):len(results) + _MAX_BATCH])
+            except (OSError, EOFError, TimeoutError) as e:
+                self.stop()
+                lost = Result("internal", None, f"Internal: zygote lost ({type(e).__name__}: {e})")
+                return results + [lost] * (len(inputs) - len(results))
+        return results
+
+    def job(self, program, inputs) -> list[Result]:
+        """One task child for `inputs`: results for a prefix of them, at least one."""
+        data = json.dumps({"program": program, "inputs": inputs}).encode()
+        if len(data) > _JOB_CAP:
+            return [Result("error", None, f"InvalidInput: program and inputs take {len(data)} bytes, "
+                                          f"over the {_JOB_CAP} cap")] * len(inputs)
+        job_r, job_w = os.pipe()
+        result_r, result_w = os.pipe()
         try:
-            _write_all(self.proc.stdin.fileno(), _frame({"program": program, "inputs": inputs}))
-            buf = _read_frame_bytes(self.proc.stdout.fileno(), time.monotonic() + self.cfg["timeout"] + 30, _FRAME_CAP)
-        except (OSError, EOFError, ValueError) as e:
-            self.stop()
-            return Result("internal", None, f"Internal: zygote lost ({type(e).__name__}: {e})")
-        frame = _checked(buf, self.cfg["max_output_chars"])
-        return Result(frame["status"], frame["value"], frame["error"])
+            if len(data) > 1 << 16:
+                fcntl.fcntl(job_w, fcntl.F_SETPIPE_SZ, len(data))
+            _write_all(job_w, data)  # fits: the child reads it whenever it is ready
+            os.close(job_w)
+            job_w = None
+            socket.send_fds(self.ctl, [b"j" + struct.pack("<I", len(inputs))], [job_r, result_w])
+        finally:
+            for fd in (job_r, result_w, job_w):
+                if fd is not None:
+                    os.close(fd)
+        try:
+            return self.collect(result_r, len(inputs))
+        finally:
+            os.close(result_r)
+
+    def collect(self, result_r, n) -> list[Result]:
+        """Read result frames as the child writes them, timing each input from the previous frame; stop at n
+        frames, the child's verdict, an input over its time, or a frame over the cap. Unless the verdict came,
+        tell the zygote to end the child and read its verdict later (`pending`): results never wait for it."""
+        timeout = self.cfg["timeout"]
+        poller = select.poll()
+        for fd in (result_r, self.ctl):
+            poller.register(fd, select.POLLIN)
+        frames, buf, verdict, failure = [], b"", None, None
+        now = time.monotonic()
+        input_deadline, backstop = now + timeout + _GRACE_S, now + n * timeout + 30
+        while len(frames) < n and verdict is None and failure is None:
+            now = time.monotonic()
+            if now >= backstop:
+                raise TimeoutError("no verdict from zygote")
+            if now >= input_deadline:
+                failure = Result("timeout", None, f"Timeout: over {timeout} s")
+                break
+            for fd, _ in poller.poll((min(input_deadline, backstop) - now) * 1000):
+                if fd == result_r:
+                    chunk = os.read(result_r, _FRAME_CAP)
+                    if not chunk:  # every writer is gone: the verdict says why the frames stopped
+                        poller.unregister(result_r)
+                        continue
+                    try:
+                        got, buf = _split_frames(buf + chunk)
+                    except ValueError as e:
+                        failure = Result("crash", None, f"Crash: {e}")
+                        break
+                    if got:
+                        frames += got
+                        input_deadline = time.monotonic() + timeout + _GRACE_S
+                else:
+                    msg = self.recv(backstop)
+                    if self.pending:
+                        self.pending -= 1  # an earlier job's child, ended
+                    else:
+                        verdict = struct.unpack("<Bi", msg[:5])
+        if verdict is not None and len(frames) < n and failure is None:
+            os.set_blocking(result_r, False)  # what the child wrote before it ended is all in the pipe
+            try:
+                while chunk := os.read(result_r, _FRAME_CAP):
+                    buf += chunk
+            except BlockingIOError:
+                pass
+            try:
+                frames += _split_frames(buf)[0]
+            except ValueError as e:
+                failure = Result("crash", None, f"Crash: {e}")
+        if verdict is None:  # end the child now (a program that forged its frames may still be running)
+            self.pending += 1
+            self.ctl.send(b"k")
+        results = [_checked(f, self.cfg["max_output_chars"]) for f in frames[:n]]
+        if len(results) < n:
+            results.append(failure or self.verdict_result(*verdict))
+        return results
+
+    def verdict_result(self, timed_out, status) -> Result:
+        if timed_out:
+            return Result("timeout", None, f"Timeout: over {self.cfg['timeout']} s")
+        if os.WIFSIGNALED(status):
+            sig = os.WTERMSIG(status)
+            if sig == signal.SIGXCPU:
+                return Result("timeout", None, "Timeout: CPU time limit")
+            return Result("crash", None, f"Crash: killed by {signal.Signals(sig).name}")
+        return Result("crash", None, f"Crash: exited with status {os.WEXITSTATUS(status)} without a result")
 
     def stop(self):
+        """Never raises: EOF on its socket makes the zygote end its task and exit (and, as PID 1 of its
+        namespace, take every process left in it along); its private mounts go with it."""
         if self.proc is not None:
-            for stream in (self.proc.stdin, self.proc.stdout):
-                stream.close()  # EOF on stdin makes the zygote kill its task and exit
+            self.ctl.close()
             try:
                 self.proc.wait(2)
             except subprocess.TimeoutExpired:
@@ -938,7 +1396,7 @@ class _ZygoteProcess:
                 self.proc.wait()
             self.proc = None
         if self.base_dir is not None:
-            _remove_tree(self.base_dir)
+            _remove_tree(self.base_dir)  # without a private root: what a dead zygote left
             self.base_dir = None
 
 
@@ -947,36 +1405,49 @@ class _Slot:
         self.canonical = _ZygoteProcess(2 * index, 0, cfg)
         self.probe = _ZygoteProcess(2 * index + 1, 1, cfg)  # started on first determinism check
 
-    def run(self, program, inputs, check_determinism) -> Result:
+    def run(self, program, inputs, check_determinism) -> list[Result]:
         try:
             return self.checked_run(program, inputs, check_determinism)
-        except Exception as e:  # e.g. a zygote that cannot restart: this task only
-            return Result("internal", None, f"Internal: {type(e).__name__}: {e}")
+        except Exception as e:  # e.g. a zygote that cannot restart: this job only
+            return [Result("internal", None, f"Internal: {type(e).__name__}: {e}")] * len(inputs)
 
-    def checked_run(self, program, inputs, check_determinism) -> Result:
+    def checked_run(self, program, inputs, check_determinism) -> list[Result]:
+        """SPEC rule 5: every input that ran `ok` runs again in the determinism zygote, the inputs in reverse
+        order (so an output that depends on earlier calls in the same process differs too)."""
         first = self.canonical.call(program, inputs)
-        if not check_determinism or first.status != "ok":
+        ok = [i for i, r in enumerate(first) if r.status == "ok"]
+        if not check_determinism or not ok:
             return first
-        second = self.probe.call(program, inputs)
-        if second.status == "internal":
-            return second
-        if second.status == "ok" and values_equal(parse_value(first.value), parse_value(second.value)):
-            return first
-        got = second.value if second.status == "ok" else f"{second.status} ({second.error})"
-        return Result("error", None, f"Nondeterministic: {first.value[:200]} then {got[:200]} "
-                                     f"with another hash seed")
+        second = dict(zip(ok[::-1], self.probe.call(program, [inputs[i] for i in ok[::-1]])))
+        out = list(first)
+        for i in ok:
+            r = second[i]
+            if r.status == "internal":
+                out[i] = r
+            elif r.status != "ok" or not values_equal(parse_value(first[i].value), parse_value(r.value)):
+                got = r.value if r.status == "ok" else f"{r.status} ({r.error})"
+                out[i] = Result("error", None, f"Nondeterministic: {first[i].value[:200]} then {got[:200]} in a "
+                                               f"second run (another hash seed, clocks, time zone, input order)")
+        return out
 
 
 class Executor:
-    """Runs `f(*args, **kwargs)` of model-written programs in sandboxed forks of `workers` zygotes."""
+    """Runs `f(*args, **kwargs)` of model-written programs in sandboxed forks of `workers` zygotes.
+
+    `unsafe=True` lets a root trainer run tasks without the uid layer (as root without capabilities), where
+    this machine cannot give them an unprivileged uid; without it the executor refuses to start."""
 
     def __init__(self, workers: int = os.cpu_count() or 1, timeout: float = 10.0, memory_mb: int = 1024,
-                 max_output_chars: int = 400, layers: tuple[str, ...] = LAYERS):
+                 max_output_chars: int = 400, layers: tuple[str, ...] = LAYERS, unsafe: bool = False):
         if workers < 1 or timeout <= 0 or memory_mb < 16 or max_output_chars < 1:
             raise ValueError("Executor needs workers >= 1, timeout > 0, memory_mb >= 16, max_output_chars >= 1")
         unknown = set(layers) - set(LAYERS)
         if unknown:
             raise ValueError(f"unknown executor layers {sorted(unknown)}; choose from {LAYERS}")
+        root = os.geteuid() == 0
+        if root and "uid" not in layers and not unsafe:
+            raise ValueError("Executor: without the 'uid' layer a root trainer's tasks run as root (without "
+                             "capabilities, still owning every root-owned file); add 'uid' or pass unsafe=True")
         cfg = {"timeout": float(timeout), "memory_mb": int(memory_mb),
                "max_output_chars": int(max_output_chars), "layers": list(layers), "required": []}
         self.slots = [_Slot(i, cfg) for i in range(workers)]
@@ -988,30 +1459,50 @@ class Executor:
                     # zygotes, restarts: all share cfg), which refuses to start with fewer, e.g. when
                     # /dev/shm is full and every probe fails
                     cfg["required"] = slot.canonical.hello["layers"]
+                    hello = slot.canonical.hello
+                    if root and "uid" not in hello["layers"] and not unsafe:
+                        raise RuntimeError(f"Executor: tasks cannot drop to an unprivileged uid here "
+                                           f"({hello['skipped'].get('uid')}), so they would run as root without "
+                                           f"capabilities; fix that or pass unsafe=True")
                 self._free.put(slot)
         except BaseException:
             self.close()
             raise
-        hello = self.slots[0].canonical.hello
         self.layers, self.skipped = tuple(hello["layers"]), dict(hello["skipped"])
         log.info("executor: %d workers, layers active: %s", workers, ", ".join(self.layers) or "none")
         for name, why in hello["skipped"].items():
             log.info("executor: layer %s skipped: %s", name, why)
 
-    def run(self, program: str, inputs: str) -> Result:
-        if not (isinstance(program, str) and isinstance(inputs, str)):
-            raise TypeError("run takes program: str and inputs: str")
+    @staticmethod
+    def _check_job(job):
+        program, inputs = job if isinstance(job, (tuple, list)) and len(job) == 2 else (None, None)
+        if not (isinstance(program, str) and (isinstance(inputs, str) or isinstance(inputs, (list, tuple))
+                                              and all(isinstance(i, str) for i in inputs))):
+            raise TypeError("a job is (program: str, inputs: str or list of str)")
+
+    def run(self, program: str, inputs: str | list[str]) -> Result | list[Result]:
+        """f(*inputs): a Result; for a list of input texts, a list of Results, one per input, in order."""
+        self._check_job((program, inputs))
         slot = self._free.get()
         try:
-            return slot.run(program, inputs, False)
+            return self._run_on(slot, program, inputs, False)
         finally:
             self._free.put(slot)
 
-    def run_batch(self, jobs: list[tuple[str, str]], check_determinism: bool = False) -> list[Result]:
+    @staticmethod
+    def _run_on(slot, program, inputs, check_determinism):
+        one = isinstance(inputs, str)
+        rs = slot.run(program, [inputs] if one else list(inputs), check_determinism)
+        return rs[0] if one else rs
+
+    def run_batch(self, jobs: list[tuple[str, str | list[str]]], check_determinism: bool = False
+                  ) -> list[Result | list[Result]]:
+        """One entry per job, in order: a Result for `(program, inputs)`, a list of Results for `(program,
+        [inputs, ...])`, whose inputs run in one task child (each still timed alone: see `_ZygoteProcess.call`).
+        Jobs are spread over the workers."""
         for job in jobs:
-            if not (isinstance(job, (tuple, list)) and len(job) == 2 and all(isinstance(s, str) for s in job)):
-                raise TypeError("run_batch takes a list of (program: str, inputs: str) tuples")
-        results: list[Result | None] = [None] * len(jobs)
+            self._check_job(job)
+        results: list = [None] * len(jobs)
         pending = iter(range(len(jobs)))
         lock = threading.Lock()
 
@@ -1023,7 +1514,7 @@ class Executor:
                         i = next(pending, None)
                     if i is None:
                         return
-                    results[i] = slot.run(*jobs[i], check_determinism)
+                    results[i] = self._run_on(slot, *jobs[i], check_determinism)
             finally:
                 self._free.put(slot)
 
@@ -1035,9 +1526,13 @@ class Executor:
         return results
 
     def close(self):
+        """Never raises; afterwards no zygote, task or task dir of this executor is left."""
         for slot in self.slots:
-            slot.canonical.stop()
-            slot.probe.stop()
+            for zygote in (slot.canonical, slot.probe):
+                try:
+                    zygote.stop()
+                except Exception as e:  # noqa: BLE001 (log and go on: the others must still stop)
+                    log.warning("executor: stopping zygote %d: %s", zygote.index, e)
 
     def __enter__(self):
         return self

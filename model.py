@@ -1,13 +1,17 @@
-"""A hand-written Qwen2 / Llama-3 decoder and a KV-cached sampler for RL rollouts (issue 3).
+"""A hand-written Qwen2 / Qwen3 / Llama-3 decoder and a KV-cached sampler for RL rollouts (issues 3, 12).
 
-The decoder reproduces transformers' Qwen2ForCausalLM / LlamaForCausalLM and keeps their parameter names, so
-Hugging Face checkpoints load as they are; the architecture differences are data (ModelConfig), not subclasses.
+The decoder reproduces transformers' Qwen2ForCausalLM / Qwen3ForCausalLM / LlamaForCausalLM and keeps their
+parameter names, so Hugging Face checkpoints load as they are; the architecture differences are data
+(ModelConfig), not subclasses.
 `generate` samples from the very model object the trainer optimises (SPEC section 6 needs the sampler's
 logprobs under the trainer's temperature): no weight copy, no second engine.
 """
+import json
 import math
 import os
+import re
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -31,65 +35,79 @@ except ImportError:
 # the decoder
 
 
+# model_type -> (q/k/v bias, q/k RMSNorm): all that tells the dense families apart in this decoder
+FAMILIES = {"qwen2": (True, False), "qwen3": (False, True), "llama": (False, False)}
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int  # LM-head rows; Qwen pads them above the tokenizer's size
+    vocab_size: int  # LM-head rows; Qwen pads them above the tokenizer's size, Llama-3 does not
     hidden_size: int
     intermediate_size: int
     num_layers: int
     num_heads: int
     num_kv_heads: int
-    head_dim: int
+    head_dim: int  # explicit: Qwen3's is not hidden_size / num_heads
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # Llama-3.1: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    rope_scaling: dict | None = None  # Llama-3.1/3.2: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
     rms_norm_eps: float = 1e-6
     qkv_bias: bool = False  # Qwen2 has biases on q, k and v (not on o)
+    qk_norm: bool = False  # Qwen3 RMS-normalises each head of q and k (weights of size head_dim) before RoPE
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
-    model_type: str = "qwen2"  # "qwen2" | "llama": which transformers class to_hf() builds
+    model_type: str = "qwen2"  # a FAMILIES key: which transformers class to_hf() builds
     bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None  # Llama-3.2 instruct lists three
 
     @classmethod
     def from_hf(cls, hf) -> "ModelConfig":
+        """From a transformers config; what this decoder does not implement is a one-line ValueError."""
+        layers = set(getattr(hf, "layer_types", None) or ["full_attention"])  # transformers 5: each layer's kind
         fail = None
-        if hf.model_type not in ("qwen2", "llama"):
-            fail = f"model_type {hf.model_type!r}: model.py implements qwen2 and llama only"
-        elif getattr(hf, "hidden_act", "silu") != "silu" or getattr(hf, "use_sliding_window", False):
-            fail = "only SiLU MLPs and full attention are implemented"
-        elif hf.model_type == "llama" and (hf.attention_bias or hf.mlp_bias):
-            fail = "Llama with attention_bias/mlp_bias is not implemented"
+        if hf.model_type not in FAMILIES:
+            moe = "moe" in hf.model_type or getattr(hf, "num_experts", None) or getattr(hf, "num_local_experts", None)
+            fail = (f"model_type {hf.model_type!r}: " + ("mixture-of-experts is not implemented; " if moe else "")
+                    + "model.py implements the dense qwen2, qwen3 and llama families")
+        elif getattr(hf, "hidden_act", "silu") != "silu":
+            fail = "only SiLU MLPs are implemented"
+        elif getattr(hf, "use_sliding_window", False) or layers != {"full_attention"}:
+            fail = "sliding-window attention layers are not implemented (full attention only)"
+        elif hf.model_type != "qwen2" and (getattr(hf, "attention_bias", False) or getattr(hf, "mlp_bias", False)):
+            fail = f"{hf.model_type} with attention_bias/mlp_bias is not implemented"
         # transformers 5 keeps rope_theta inside rope_parameters; 4.x had rope_theta + rope_scaling
         rope = dict(getattr(hf, "rope_parameters", None) or {"rope_theta": hf.rope_theta, **(hf.rope_scaling or {})})
         theta = rope.pop("rope_theta")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
-            fail = f"rope_type {rope_type!r} is not implemented (default and llama3 are)"
+            fail = fail or f"rope_type {rope_type!r} is not implemented (default and llama3 are)"
         if fail:
             raise ValueError(f"unsupported model config: {fail}")
+        qkv_bias, qk_norm = FAMILIES[hf.model_type]
         return cls(vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
                    num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
                    num_kv_heads=hf.num_key_value_heads,
                    head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
                    rope_theta=theta, rope_scaling=rope if rope_type == "llama3" else None,
-                   rms_norm_eps=hf.rms_norm_eps, qkv_bias=hf.model_type == "qwen2",
+                   rms_norm_eps=hf.rms_norm_eps, qkv_bias=qkv_bias, qk_norm=qk_norm,
                    tie_word_embeddings=bool(hf.tie_word_embeddings),
                    max_position_embeddings=hf.max_position_embeddings, model_type=hf.model_type,
                    bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id)
 
     def to_hf(self):
-        from transformers import LlamaConfig, Qwen2Config
-        if (self.model_type == "qwen2") != self.qkv_bias:
-            raise ValueError("qkv_bias must be True for qwen2 and False for llama")
-        cls = Qwen2Config if self.model_type == "qwen2" else LlamaConfig
-        hf = cls(vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                 num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
-                 num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim, hidden_act="silu",
-                 rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})},
-                 rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,
-                 max_position_embeddings=self.max_position_embeddings,
-                 bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
-        hf.architectures = [cls.__name__.replace("Config", "ForCausalLM")]
+        from transformers import AutoConfig
+        if FAMILIES.get(self.model_type) != (self.qkv_bias, self.qk_norm):
+            raise ValueError(f"model_type {self.model_type!r} with qkv_bias={self.qkv_bias}, qk_norm={self.qk_norm} "
+                             f"matches no family; (qkv_bias, qk_norm) per model_type: {FAMILIES}")
+        hf = AutoConfig.for_model(
+            self.model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads, head_dim=self.head_dim,
+            hidden_act="silu",
+            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})},
+            rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,
+            max_position_embeddings=self.max_position_embeddings,
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id)
+        hf.architectures = [type(hf).__name__.replace("Config", "ForCausalLM")]
         return hf
 
 
@@ -135,12 +153,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:  # Qwen3: each head of q and k is RMS-normalised before RoPE
+            self.q_norm, self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps), RMSNorm(c.head_dim, c.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
         self.head_dim = c.head_dim
 
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, -1, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, T, -1, self.head_dim), cos, sin)
+        q = apply_rope(self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)), cos, sin)
+        k = apply_rope(self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)), cos, sin)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
         if cache is None:  # training: plain causal attention over the whole row
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -210,9 +232,14 @@ class Transformer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # loading and saving
 
-HUB_IDS = {name: f"Qwen/{name}" for name in ("Qwen2.5-3B", "Qwen2.5-7B", "Qwen2.5-14B", "Qwen2.5-Coder-3B",
-                                              "Qwen2.5-Coder-7B", "Qwen2.5-Coder-14B", "Qwen2.5-7B-Instruct")}
-HUB_IDS["Llama-3.1-8B"] = "meta-llama/Llama-3.1-8B"
+HUB_IDS = {name: f"Qwen/{name}" for name in (  # the README's model table lists these
+    "Qwen2.5-0.5B", "Qwen2.5-1.5B", "Qwen2.5-3B", "Qwen2.5-7B", "Qwen2.5-14B",
+    "Qwen2.5-Coder-0.5B", "Qwen2.5-Coder-1.5B", "Qwen2.5-Coder-3B", "Qwen2.5-Coder-7B", "Qwen2.5-Coder-14B",
+    "Qwen2.5-0.5B-Instruct", "Qwen2.5-1.5B-Instruct", "Qwen2.5-7B-Instruct",
+    "Qwen2.5-Coder-0.5B-Instruct", "Qwen2.5-Coder-1.5B-Instruct",
+    "Qwen3-0.6B", "Qwen3-1.7B", "Qwen3-4B", "Qwen3-8B",
+    "Qwen3-0.6B-Base", "Qwen3-1.7B-Base", "Qwen3-4B-Base", "Qwen3-8B-Base")}
+HUB_IDS |= {name: f"meta-llama/{name}" for name in ("Llama-3.1-8B", "Llama-3.2-1B", "Llama-3.2-3B")}
 
 
 def tiny_config() -> ModelConfig:
@@ -253,13 +280,24 @@ def empty_model(config: ModelConfig, device, dtype) -> Transformer:
 
 
 def load_model(name: str, device="cpu", dtype=torch.float32, seed: int = 0):
-    """`tiny`, a local Hugging Face directory (config.json + *.safetensors), a hub id or a short name."""
+    """`tiny`, a local Hugging Face directory (config.json + *.safetensors), a hub id or a short name.
+    A Qwen3 model whose name (short name, hub id or path) has `-Base` in it gets plain_think's tokenizer: base and
+    post-trained Qwen3 ship the same tokenizer files, and upstream, too, strips the tokens for base models only."""
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
     if name == "tiny":
         return init_weights(Transformer(tiny_config()), seed).to(device=device, dtype=dtype), byte_tokenizer()
     path = Path(name) if Path(name).is_dir() else _download(name)
-    config = ModelConfig.from_hf(AutoConfig.from_pretrained(path))
+    try:
+        config = ModelConfig.from_hf(AutoConfig.from_pretrained(path))
+    except ValueError as e:
+        raise SystemExit(f"cannot load model {name!r}: {e}") from None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if config.model_type == "qwen3" and re.search(r"-base\b", name, re.IGNORECASE):
+        tokenizer = plain_think(tokenizer)
+    if len(tokenizer) > config.vocab_size:  # the sampler and the trainer index LM-head rows by token id
+        raise SystemExit(f"cannot load model {name!r}: its tokenizer has {len(tokenizer)} tokens but its LM head only "
+                         f"{config.vocab_size} rows")
     model = empty_model(config, device, dtype)
     params, loaded = model.state_dict(), set()
     for file in sorted(path.glob("*.safetensors")):
@@ -273,7 +311,33 @@ def load_model(name: str, device="cpu", dtype=torch.float32, seed: int = 0):
     missing = set(params) - loaded - ({"lm_head.weight"} if config.tie_word_embeddings else set())
     if missing:
         raise ValueError(f"{path}: checkpoint lacks {sorted(missing)[:3]}...")
-    return model, AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+THINK_TOKENS = ("<think>", "</think>")
+
+
+def plain_think(tokenizer):
+    """The tokenizer without `<think>`/`</think>` as added tokens, so the R1 template's literal `<think>` (SPEC 2)
+    is plain text, as upstream does for Qwen3 base models: their embeddings of these tokens are untrained, and
+    upstream's README says the model "produces nonsense" otherwise. Their ids (Qwen3's last two) then lie at or
+    above len(tokenizer), where the sampler and the trainer mask LM-head rows, so they are never sampled either.
+    A no-op when the tokens are absent; save_model writes the stripped tokenizer, so checkpoints keep the rule."""
+    from transformers import AutoTokenizer
+    if not set(THINK_TOKENS) & set(tokenizer.get_added_vocab()):
+        return tokenizer
+    print("model.py: Qwen3 base model: <think> and </think> tokenise as plain text", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as tmp:  # edit the saved files, as upstream does: every class reads them
+        files = Path(tmp) / "tokenizer.json", Path(tmp) / "tokenizer_config.json"
+        tokenizer.save_pretrained(tmp)
+        backend, config = (json.loads(f.read_text()) for f in files)
+        backend["added_tokens"] = [t for t in backend["added_tokens"] if t["content"] not in THINK_TOKENS]
+        if "added_tokens_decoder" in config:
+            config["added_tokens_decoder"] = {i: t for i, t in config["added_tokens_decoder"].items()
+                                              if t["content"] not in THINK_TOKENS}
+        for f, state in zip(files, (backend, config)):
+            f.write_text(json.dumps(state, ensure_ascii=False))
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 def _download(name: str) -> Path:
