@@ -757,8 +757,12 @@ class Policy:
             self.sampling_model = empty_model(model.config, device, sample_dtype)
             self.sampling_model.requires_grad_(False)
             self.refresh_sampler()
-        self.sampler = Sampler(self.sampling_model, kv_cache_gib=cfg.kv_cache_gib or None,
-                               reserve_gib=trainer_reserve_gib(model, cfg, self.size) if trains else 0.0)
+        try:
+            self.sampler = Sampler(self.sampling_model, kv_cache_gib=cfg.kv_cache_gib or None,
+                                   reserve_gib=trainer_reserve_gib(model, cfg, self.size) if trains else 0.0)
+        except (RuntimeError, ValueError) as e:  # the pool does not fit: say it in the flags' words
+            raise SystemExit(f"error: no room for the sampler's KV pool ({e}); set --kv-cache-gib, or lower "
+                             f"--micro-batch-tokens (the update's reserve) or the model size") from None
 
     @torch.no_grad()
     def refresh_sampler(self):
@@ -797,14 +801,17 @@ class Policy:
 
 def trainer_reserve_gib(model, cfg, size):
     """GPU memory the update will take beyond what exists when the sampler's pool is sized (before the first
-    step): fp32 gradients and AdamW's two moments (12 bytes per parameter of this rank's shard), the activations
-    of one --micro-batch-tokens micro-batch (checkpointed blocks keep only their fp32 inputs; one block at a time is
-    recomputed, its activations and their gradients), the fused kernel's logit-gradient chunk, and 2 GiB of slack
-    for the allocator. An estimate: --kv-cache-gib overrides the pool size it leads to."""
+    step): fp32 gradients and AdamW's two moments (12 bytes per parameter of this rank's shard), and the larger of
+    (a) the activations of one --micro-batch-tokens micro-batch (checkpointed blocks keep only their fp32 inputs;
+    one block at a time is recomputed, its activations and their gradients) plus the fused kernel's logit-gradient
+    chunk, and (b) the foreach AdamW step's temporary (4 bytes per parameter), which exists only once the
+    activations are gone; then 2 GiB of slack for the allocator. An estimate: --kv-cache-gib overrides the pool
+    size it leads to."""
     c, T = model.config, cfg.micro_batch_tokens
+    params = sum(p.numel() for p in model.parameters()) / size
     block = T * (8 * c.hidden_size + 3 * c.intermediate_size) * 4 * 2
     stored = T * c.hidden_size * 4 * c.num_layers if cfg.grad_checkpoint else block * c.num_layers
-    total = 12 * sum(p.numel() for p in model.parameters()) / size + stored + block + 2 ** 28 + 2 * 2 ** 30
+    total = 12 * params + max(stored + block + 2 ** 28, 4 * params) + 2 * 2 ** 30
     return total / 2 ** 30
 
 

@@ -591,7 +591,7 @@ class Sampler:
         if self.table is None or self.table.shape[1] < width:
             with torch.inference_mode():
                 self.table = torch.zeros(self.max_rows, width, dtype=torch.int32, device=self.device)
-            self.graphs.clear()
+            self.graphs, self.graph_pool = {}, None  # a fresh pool: the next capture primes it (_Rollout._decode)
 
     def generate(self, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int | Sequence[int],
                  temperature: float = 1.0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
@@ -629,7 +629,7 @@ class Sampler:
                              f"kv_cache_gib or lower max_new_tokens")
         weights = [p.data_ptr() for p in self.model.parameters()]
         if weights != self.weights:  # replaced (not updated in place) parameters: the graphs read stale memory
-            self.graphs.clear()
+            self.graphs, self.graph_pool = {}, None
             self.weights = weights
         with torch.inference_mode():
             rollout = _Rollout(self, prompts, n, limits, temperature, top_p, stop_token_ids, stop_strings,
@@ -752,8 +752,10 @@ class _Rollout:
                 for seq in members[1:]:
                     src.append(members[0].blocks[len(tokens) // bs])
                     dst.append(seq.blocks[len(tokens) // bs])
-        if src:
-            cache.kv[:, :, torch.tensor(dst, device=dev)] = cache.kv[:, :, torch.tensor(src, device=dev)]
+        if src:  # layer by layer: all layers at once would hold n_copies x a block of every layer (GBs for 3B)
+            src, dst = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
+            for layer in cache.kv:
+                layer[:, dst] = layer[:, src]
         flat = [(g, seq) for g, (_, members) in enumerate(batch) for seq in members]
         row = torch.tensor([g for g, _ in flat], device=dev)
         sid = torch.tensor([seq.sample for _, seq in flat], device=dev)
@@ -829,20 +831,32 @@ class _Rollout:
             return self._forward_decode(B, max_length)
         s, key = self.s, (B, max_length, self.temperature, self.top_p, self.vocab)
         if key not in s.graphs:
-            stream = torch.cuda.Stream(s.device)
-            stream.wait_stream(torch.cuda.current_stream(s.device))
-            with torch.cuda.stream(stream):  # warm-up outside the graph; its cache writes are rewritten identically
-                self._forward_decode(B, max_length)
-            torch.cuda.current_stream(s.device).wait_stream(stream)
-            s.graph_pool = s.graph_pool or torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=s.graph_pool, capture_error_mode="thread_local"):
-                out = self._forward_decode(B, max_length)
-            s.graphs[key] = graph, out
-            self.stats["graphs_captured"] += 1
+            if s.graph_pool is None and B < s.max_rows:
+                # The first capture into a fresh pool is of the largest bucket: the smaller ones captured later then
+                # reuse its temporaries (~32 bytes x vocabulary per row). Captured smallest first, each larger bucket
+                # would reserve new segments for as long as the graphs live (GBs over a step's ramp to 512 rows).
+                # Its padding rows write and read only the scratch block.
+                s.tok[B:], s.pos[B:], s.sid[B:], s.step[B:] = 0, 0, 0, 0
+                s.table[B:] = self.cache.scratch
+                self._capture((s.max_rows,) + key[1:])
+            self._capture(key)
         graph, out = s.graphs[key]
         graph.replay()
         return out
+
+    def _capture(self, key):
+        s, (B, max_length) = self.s, key[:2]
+        stream = torch.cuda.Stream(s.device)
+        stream.wait_stream(torch.cuda.current_stream(s.device))
+        with torch.cuda.stream(stream):  # warm-up outside the graph; its cache writes are rewritten identically
+            self._forward_decode(B, max_length)
+        torch.cuda.current_stream(s.device).wait_stream(stream)
+        s.graph_pool = s.graph_pool or torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=s.graph_pool, capture_error_mode="thread_local"):
+            out = self._forward_decode(B, max_length)
+        s.graphs[key] = graph, out
+        self.stats["graphs_captured"] += 1
 
     def _forward_decode(self, B: int, max_length: int):
         s, bs = self.s, self.cache.block_size

@@ -1458,6 +1458,40 @@ def test_model_cuda_schedule_padding_rows_and_launch_shapes_leave_samples_unchan
     assert (16, 512) in shapes and st["graph_rows"] == st["decoded_rows"]  # 15 rows ran as 16; one 512-key split
 
 
+def test_model_graph_pool_is_primed_with_the_largest_bucket(monkeypatch):
+    """On CUDA the first capture into a fresh graph pool is of max_batch_size rows, so that smaller buckets reuse its
+    temporaries. Simulated on the CPU with a stand-in graph that reruns the captured forward into its static output
+    (as a replay does): the primed graph's padding rows must leave every sample unchanged, and graphs are reused
+    across calls."""
+    model, tok, prompts = _model_sampler_setup()
+    kw = dict(n=3, max_new_tokens=20, tokenizer=tok, seed=7, stop_token_ids=list(range(0, 256, 23)))
+    plain = M.generate(model, prompts, **kw)
+    captured = []
+
+    class Replay:
+        def __init__(self, rollout, B, max_length):
+            self.run = lambda: rollout._forward_decode(B, max_length)
+            self.out = self.run()
+
+        def replay(self):
+            for static, new in zip(self.out, self.run()):
+                static.copy_(new)
+
+    def capture(self, key):
+        captured.append(key[0])
+        self.s.graph_pool = self.s.graph_pool or "pool"
+        graph = Replay(self, *key[:2])
+        self.s.graphs[key] = graph, graph.out
+    monkeypatch.setattr(M._Rollout, "_capture", capture)
+    sampler = M.Sampler(model, block_size=16, max_batch_size=32)
+    sampler.graphed = True
+    for _ in range(2):
+        samples = sampler.generate(prompts, **kw)
+        assert [(s.tokens, s.finish_reason) for s in samples] == [(s.tokens, s.finish_reason) for s in plain]
+        _model_assert_logprobs_match_full_forward(model, tok, prompts, samples, 3)
+    assert captured[0] == 32 and len(captured) > 2 and captured.count(32) == 1  # primed once, then reused
+
+
 def test_model_block_allocator_shares_and_frees_each_block_once():
     alloc = M.BlockAllocator(6)
     prompt = alloc.take(2)
