@@ -164,16 +164,20 @@ def _overhead(executor_cls, workers, jobs=_TRIVIAL) -> dict:
 
 def _induction(ex) -> dict:
     """Induction-shaped jobs, programs/s: each program's 10 inputs in one task child (batched) vs one task
-    per input; `ok`: both give the same, correct results."""
+    per input, and batched with the determinism check (as `azr.validate_proposals` runs them: each `ok` input
+    again alone); `ok`: all three give the same, correct results."""
     t0 = time.perf_counter()
     batched = ex.run_batch(_INDUCTION)
     t1 = time.perf_counter()
     single = ex.run_batch([(p, i) for p, xs in _INDUCTION for i in xs])
     t2 = time.perf_counter()
+    checked = ex.run_batch(_INDUCTION, check_determinism=True)
+    t3 = time.perf_counter()
     flat = [r for rs in batched for r in rs]
-    ok = flat == single and all(r.value == repr([int(i), int(i) * k]) for k, (_, xs) in enumerate(_INDUCTION)
-                                for i, r in zip(xs, batched[k]))
-    return dict(batched=len(_INDUCTION) / (t1 - t0), single=len(_INDUCTION) / (t2 - t1), ok=ok)
+    ok = flat == single and checked == batched and all(
+        r.value == repr([int(i), int(i) * k]) for k, (_, xs) in enumerate(_INDUCTION) for i, r in zip(xs, batched[k]))
+    return dict(batched=len(_INDUCTION) / (t1 - t0), single=len(_INDUCTION) / (t2 - t1),
+                checked=len(_INDUCTION) / (t3 - t2), ok=ok)
 
 
 def _round(jobs, worker_counts, repeat):
@@ -188,7 +192,7 @@ def _round(jobs, worker_counts, repeat):
                 r = ex.run(program, inputs)
                 return r.status == "ok" and _matches(r.value, stored)
             rows.append(_row("executor (hardened)", workers, *_threads(run, jobs * repeat, workers), len(jobs) * repeat))
-            ex.run_batch(_INDUCTION[:2])  # warm-up
+            ex.run_batch(_INDUCTION[:2], check_determinism=True)  # warm-up, the determinism zygote too
             extra[workers] = _induction(ex)
         extra[workers].update({"over_" + k: v for k, v in _overhead(Executor, workers).items()})
         _threads(_python_c, jobs[:5], workers)  # warm-up
@@ -236,9 +240,10 @@ def bench_executor(argv: list[str]) -> str:
                   f"target <= 3x)\n")
     emed = lambda w, k: statistics.median(e[w][k] for e in extras)  # noqa: E731
     table2 = ("| workers | overhead p50 ms | overhead p95 ms | induction programs/s, batched | one task per input "
-              "| batching speedup | ok |\n|---|---|---|---|---|---|---|\n" + "".join(
+              "| batching speedup | batched + determinism check | ok |\n|---|---|---|---|---|---|---|---|\n" + "".join(
                   f"| {w} | {emed(w, 'over_p50'):.2f} | {emed(w, 'over_p95'):.2f} | {emed(w, 'batched'):.1f} "
                   f"| {emed(w, 'single'):.1f} | {statistics.median(e[w]['batched'] / e[w]['single'] for e in extras):.1f}x "
+                  f"| {emed(w, 'checked'):.1f} "
                   f"| {all(e[w]['ok'] and e[w]['over_ok'] == e[w]['over_n'] for e in extras)} |\n"
                   for w in worker_counts))
     md = (f"### Executor ({datetime.date.today()}, {os.cpu_count()}-core {platform.machine()} "
@@ -249,7 +254,8 @@ def bench_executor(argv: list[str]) -> str:
           f"each round: {', '.join(f'{x:.2f}' for x in loads)}.\n\n{table}\n{lines}\n"
           f"Per-task overhead: {len(_TRIVIAL)} runs of a trivial `f`, the executor's latency minus the fork "
           f"floor's (p50, p95). Induction-shaped: {len(_INDUCTION)} programs x 10 inputs, as "
-          f"`run_batch([(program, [10 inputs])])` vs `run_batch` of one job per input. Medians of the rounds.\n\n"
+          f"`run_batch([(program, [10 inputs])])` vs `run_batch` of one job per input, and the batched form with "
+          f"`check_determinism=True` (each input runs again alone). Medians of the rounds.\n\n"
           f"{table2}")
     print(md)
     return md

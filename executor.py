@@ -17,6 +17,9 @@ A job is (program, inputs): one input text, or a list of them that run one after
 timeout (the trainer times it from the previous input's result); the program runs afresh (a new module) for
 each input. An input that ends its child (timeout, crash, os._exit) gets that status and the inputs after it
 run in a fresh child, so one input never changes another's result. Lists longer than 16 use several children.
+What a program leaves in the process outside its module (an attribute on `math`, a changed builtin, a thread)
+is still there for the next input of the same child: the determinism check below runs each input alone, so
+an output that depends on it is refused there.
 
 No task data in the zygote (so none in any later fork): per job the trainer makes two pipes, writes the job
 into one, and passes the job's read end and the other's write end to the zygote as file descriptors over a
@@ -74,7 +77,7 @@ even without capabilities, owns every root-owned file.
             io_uring, keyctl, SysV IPC and mqueues, memfd_create, the chmod/chown/utime/xattr families (even
             on the task's own files), every ioctl but six terminal and fd queries (so no FS_IOC_SETFLAGS,
             FIOSETOWN, TIOCSTI), fcntl F_SETOWN, F_SETSIG, F_SETLEASE, F_NOTIFY, inotify and fanotify,
-            scheduling of any process but the caller.
+            sync and syncfs, scheduling of any process but the caller.
             Without it: renicing and SIGIO to same-uid processes, IPC between one zygote's tasks, RAM in
             memfds outside the limits, inotify on what the task can see, and, as uid 0, metadata of root's files.
 
@@ -82,19 +85,22 @@ With every layer on (this machine: root, pyenv under a 0700 /root, Linux 6.18) a
 its own tmpfs and its own processes, runs as its own uid with no capabilities, and can still: read
 world-readable files under /usr and the stdlib, stat paths in them; use CPU up to its limits and RAM up to
 memory_mb (plus 64 MiB in its tmpfs) per running task, with no cgroup for the sum over workers; forge its own
-result frames (it can only claim values for f, which it controls anyway, and the trainer re-checks them);
-exploit a kernel bug (run the whole trainer in a VM or container for hostile code).
+result frames (it can only claim values for f, which it controls anyway, and the trainer re-checks them; it
+cannot claim `internal`, which only the executor reports); exploit a kernel bug (run the whole trainer in a VM
+or container for hostile code). Tasks that cooperate can still signal to each other: through CPU load and
+timing, and through the pids their zygote's namespace hands out (a task's thread count moves a later task's
+pid). No task can read what another did not send it; each has its own /dev/null (file flags are per open file).
 
 Determinism (SPEC rule 5): `check_determinism=True` re-runs every input that ran `ok` in a second zygote per
 worker, started lazily, that differs in what a cheating program could read: another PYTHONHASHSEED (set
 order, hash()), another process (heap and ASLR layout, id(); `random` is reseeded at every fork anyway),
 monotonic and boot clocks 11.7 days ahead (a time namespace, where the kernel allows it: a warning says when
-not), a time zone 13.5 hours east, and a job's inputs in reverse order (outputs that depend on earlier calls
-in the same process). An input is `error: Nondeterministic` unless the second run is also `ok` with a value
-equal by `values_equal` (values, not reprs). It cannot see: the wall clock (time.time(), UTC dates) rounded
-to a second or more, as the second run follows within milliseconds; the middle input of an odd-length list
-(it keeps its place in the reversed order); addresses of static objects in a non-PIE interpreter or with
-ASLR off; anything the same in both runs by construction (the machine, the stdlib, the layout of /task).
+not), a time zone 13.5 hours east, and each input alone in a child of its own (outputs that depend on the
+inputs run before it in the same process). An input is `error: Nondeterministic` unless the second run is
+also `ok` with a value equal by `values_equal` (values, not reprs). It cannot see: the wall clock
+(time.time(), UTC dates) rounded to a second or more, as the second run follows within milliseconds;
+addresses of static objects in a non-PIE interpreter or with ASLR off; anything the same in both runs by
+construction (the machine, the stdlib, the layout of /task, a first input's empty history).
 """
 import ast
 import ctypes
@@ -372,7 +378,8 @@ def _landlock(abi: int, task_dir: str, read_dirs: list[str]):
 # x86-64 syscall numbers denied with EPERM. SysV IPC and POSIX message queues outlive the task (RAM outside
 # memory_mb, and a channel to the determinism re-run); metadata calls reach files Landlock cannot guard (it has
 # no right for chmod, chown, utime or xattrs, and a task running as uid 0 owns every root-owned file); inotify
-# and fanotify tell names in directories a task cannot list; the others reach other processes or the kernel.
+# and fanotify tell names in directories a task cannot list; sync and syncfs make the host flush every dirty page
+# (seconds of I/O stall for a trainer writing a checkpoint); the others reach other processes or the kernel.
 _DENIED = dict(socket=41, socketpair=53, execve=59, execveat=322, fork=57, vfork=58, ptrace=101,
                process_vm_readv=310, process_vm_writev=311, kill=62, tkill=200, tgkill=234,
                rt_sigqueueinfo=129, rt_tgsigqueueinfo=297, pidfd_send_signal=424, pidfd_getfd=438,
@@ -392,7 +399,7 @@ _DENIED = dict(socket=41, socketpair=53, execve=59, execveat=322, fork=57, vfork
                fchownat=260, utime=132, utimes=235, futimesat=261, utimensat=280, setxattr=188,
                lsetxattr=189, fsetxattr=190, removexattr=197, lremovexattr=198, fremovexattr=199,
                setxattrat=463, removexattrat=466, inotify_init=253, inotify_init1=294,
-               inotify_add_watch=254, fanotify_init=300, fanotify_mark=301)
+               inotify_add_watch=254, fanotify_init=300, fanotify_mark=301, sync=162, syncfs=306)
 _SYS_clone, _SYS_clone3, _SYS_prlimit64, _SYS_fcntl, _SYS_ioctl = 56, 435, 302, 72, 16
 _SYS_setpriority, _SYS_ioprio_set = 141, 251
 _SYS_sched_setparam, _SYS_sched_setscheduler, _SYS_sched_setaffinity, _SYS_sched_setattr = 142, 144, 203, 314
@@ -520,7 +527,7 @@ def _checked(payload: bytes, max_output_chars: int) -> Result:
     except (ValueError, RecursionError):  # `[[[[...` nested past the recursion limit is RecursionError
         return bad
     if (not isinstance(frame, dict) or set(frame) != {"status", "value", "error"}
-            or frame["status"] not in STATUSES
+            or frame["status"] not in STATUSES or frame["status"] == "internal"  # only the executor says that
             or not all(x is None or isinstance(x, str) for x in (frame["value"], frame["error"]))
             or (frame["status"] == "ok") != isinstance(frame["value"], str)
             or (frame["status"] == "ok") != (frame["error"] is None)
@@ -813,11 +820,15 @@ class _Zygote:
         except BlockingIOError:
             pass
         os.close(result_r)
-        self.finish(task)  # kills it, if the deadline passed
+        _kill_task(task.pid)  # if the deadline passed
+        setup = self.setup_failure(task)
+        self.finish(task)
         try:
             frames, _ = _split_frames(buf)
         except ValueError:
             frames = []
+        if setup:
+            return Result("internal", None, setup.decode(errors="replace"))
         return _checked(frames[0], self.cfg["max_output_chars"]) if frames else Result("crash", None, "no result")
 
     # -- the child: forked before its job arrives, it confines itself, then waits for the job's pipes --
@@ -835,20 +846,21 @@ class _Zygote:
             # the real call needs (parser, compiler, json) before the job arrives, off the task's clock.
             self.call("def f(x):\n    return [x, {'k': (x,)}]", "1")
         try:
-            with _socket(sock) as s:
-                msg, (job_r, result_w), _, _ = socket.recv_fds(s, 8, 2)
-            (n,) = struct.unpack("<I", msg)
-        except BaseException:  # the zygote is gone: nobody to answer
-            os._exit(0)
-        try:
+            s = _socket(sock)
             if setup_error is None:
+                msg, (job_r, result_w), _, _ = socket.recv_fds(s, 8, 2)
+                (n,) = struct.unpack("<I", msg)
                 try:  # CPU time: timeout + 1 s per input, the backstop behind the wall clock (SIGXCPU: timeout)
                     _limit(resource.RLIMIT_CPU, self.cpu * n, self.cpu * n + 1)
                 except BaseException as e:
                     setup_error = _setup_failed(e)
-            if setup_error is not None:
-                _write_all(result_w, _frame(setup_error))
+            if setup_error is not None:  # to the zygote, which puts it in the job's verdict: a result frame
+                s.send(setup_error.encode()[:_ERROR_CAP])  # could be forged by a program, this socket cannot
                 os._exit(0)
+            s.close()  # before any program code: the program has no way to the zygote
+        except BaseException:  # the zygote is gone: nobody to answer
+            os._exit(0)
+        try:
             data = b""
             while chunk := os.read(job_r, 1 << 20):
                 data += chunk
@@ -866,8 +878,11 @@ class _Zygote:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != self.pid:
             os._exit(1)
+        # A /dev/null of its own (reopened through /proc: a private root has no /dev), not a dup of the zygote's:
+        # file status flags (O_NONBLOCK, O_APPEND) live in the open file, which would carry them to later tasks.
+        null = os.open(f"/proc/self/fd/{self.devnull}", os.O_RDWR)
         for fd in (0, 1, 2):
-            os.dup2(self.devnull, fd)
+            os.dup2(null, fd)
         os.closerange(3, sock)
         os.closerange(sock + 1, 1 << 20)
         os.chdir(task_dir)
@@ -953,14 +968,23 @@ class _Zygote:
     def hand(self, task, fds, n):
         """Pass the job's pipes (job to read, results to write) to the waiting child and keep no copy: the
         zygote never reads a job or a result, so no fork of it inherits one."""
-        with _socket(task.sock) as s:
-            try:
-                socket.send_fds(s, [struct.pack("<I", n)], fds)
-            except OSError:
-                pass  # the child died before (setup failed): its exit status tells why
-        task.sock = None
+        s = _socket(task.sock)
+        try:
+            socket.send_fds(s, [struct.pack("<I", n)], fds)
+        except OSError:
+            pass  # the child died before (setup failed): `setup_failure` tells why
+        finally:
+            s.detach()  # the socket stays open: `setup_failure` reads it, `finish` closes it
         for fd in fds:
             os.close(fd)
+
+    @staticmethod
+    def setup_failure(task) -> bytes:
+        """Why the child could not confine itself (empty if it did): its one message before it exits."""
+        try:
+            return os.read(task.sock, _ERROR_CAP) if select.select([task.sock], [], [], 0)[0] else b""
+        except OSError:
+            return b""
 
     def supervise(self, task, n) -> bool:
         """Wait for the child's exit, its deadline (n inputs x timeout: the trainer times each input), or any
@@ -980,8 +1004,7 @@ class _Zygote:
     def finish(self, task, spare=None):
         """Kill the task's process group, reap it, sweep its escapees (not the next task's child), remove its
         dir."""
-        if task.sock is not None:  # a spare retired unused
-            os.close(task.sock)
+        os.close(task.sock)
         _kill_task(task.pid)
         os.close(task.pidfd)
         _sweep(keep=spare.pid if spare else None)
@@ -1026,7 +1049,7 @@ class _Zygote:
             timed_out = self.supervise(task, n)
             status = _kill_task(task.pid)
             try:  # the verdict: what the trainer needs when the task's results stop short
-                self.ctl.send(struct.pack("<Bi", timed_out, status))
+                self.ctl.send(struct.pack("<Bi", timed_out, status) + self.setup_failure(task))
             except OSError:
                 pass  # the trainer is gone: the next recv says so
             self.finish(task, spare)
@@ -1050,8 +1073,8 @@ def _probe_program(read_dirs) -> str:
             "    return open('probe.txt').read() + str(len(colorsys.__name__))\n")
 
 
-def _setup_failed(e) -> dict:
-    return {"status": "internal", "value": None, "error": f"sandbox setup failed: {type(e).__name__}: {e}"}
+def _setup_failed(e) -> str:
+    return f"Internal: sandbox setup failed: {type(e).__name__}: {e}"
 
 
 def _limit(res, soft, hard):
@@ -1291,6 +1314,9 @@ class _ZygoteProcess:
                 self.stop()
                 lost = Result("internal", None, f"Internal: zygote lost ({type(e).__name__}: {e})")
                 return results + [lost] * (len(inputs) - len(results))
+            except BaseException:  # e.g. KeyboardInterrupt mid-job: its verdict would be taken for the next job's
+                self.stop()
+                raise
         return results
 
     def job(self, program, inputs) -> list[Result]:
@@ -1354,7 +1380,7 @@ class _ZygoteProcess:
                     if self.pending:
                         self.pending -= 1  # an earlier job's child, ended
                     else:
-                        verdict = struct.unpack("<Bi", msg[:5])
+                        verdict = (*struct.unpack("<Bi", msg[:5]), msg[5:])
         if verdict is not None and len(frames) < n and failure is None:
             os.set_blocking(result_r, False)  # what the child wrote before it ended is all in the pipe
             try:
@@ -1374,14 +1400,20 @@ class _ZygoteProcess:
             results.append(failure or self.verdict_result(*verdict))
         return results
 
-    def verdict_result(self, timed_out, status) -> Result:
+    def verdict_result(self, timed_out, status, setup_failure) -> Result:
+        if setup_failure:
+            return Result("internal", None, setup_failure.decode(errors="replace"))
         if timed_out:
             return Result("timeout", None, f"Timeout: over {self.cfg['timeout']} s")
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
             if sig == signal.SIGXCPU:
                 return Result("timeout", None, "Timeout: CPU time limit")
-            return Result("crash", None, f"Crash: killed by {signal.Signals(sig).name}")
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:  # a real-time signal (a task can send itself one with a timer) has no name
+                name = f"signal {sig}"
+            return Result("crash", None, f"Crash: killed by {name}")
         return Result("crash", None, f"Crash: exited with status {os.WEXITSTATUS(status)} without a result")
 
     def stop(self):
@@ -1412,22 +1444,22 @@ class _Slot:
             return [Result("internal", None, f"Internal: {type(e).__name__}: {e}")] * len(inputs)
 
     def checked_run(self, program, inputs, check_determinism) -> list[Result]:
-        """SPEC rule 5: every input that ran `ok` runs again in the determinism zygote, the inputs in reverse
-        order (so an output that depends on earlier calls in the same process differs too)."""
+        """SPEC rule 5: every input that ran `ok` runs again in the determinism zygote, each alone in a task
+        child of its own, so an output that depends on the inputs run before it in the same process (state
+        left in a module, builtins) differs too."""
         first = self.canonical.call(program, inputs)
         ok = [i for i, r in enumerate(first) if r.status == "ok"]
         if not check_determinism or not ok:
             return first
-        second = dict(zip(ok[::-1], self.probe.call(program, [inputs[i] for i in ok[::-1]])))
         out = list(first)
         for i in ok:
-            r = second[i]
+            (r,) = self.probe.call(program, [inputs[i]])
             if r.status == "internal":
                 out[i] = r
             elif r.status != "ok" or not values_equal(parse_value(first[i].value), parse_value(r.value)):
                 got = r.value if r.status == "ok" else f"{r.status} ({r.error})"
                 out[i] = Result("error", None, f"Nondeterministic: {first[i].value[:200]} then {got[:200]} in a "
-                                               f"second run (another hash seed, clocks, time zone, input order)")
+                                               f"second run (another hash seed, clocks, time zone, process)")
         return out
 
 

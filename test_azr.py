@@ -389,6 +389,32 @@ _EXEC_CASES = [
             libc.mq_open.restype = ctypes.c_int
             return [libc.shmget(0, 4096, 0o1600), libc.semget(0, 1, 0o1600), libc.msgget(0, 0o1600),
                     libc.mq_open(b'/azr-exec-test', 0o102, 0o600, None)]"""), "0"),
+    # a timer can end the task with a real-time signal, which has no name in `signal.Signals`
+    ("realtime_signal", None, {"crash"}, "killed by signal 40", _p("""
+        import ctypes, struct, time
+        def f(x):
+            libc = ctypes.CDLL(None)
+            timer = ctypes.c_void_p()
+            libc.timer_create(1, struct.pack('<qii', 0, 40, 0) + bytes(48), ctypes.byref(timer))
+            libc.timer_settime(timer, 0, struct.pack('<qqqq', 0, 0, 0, 10 ** 6), None)
+            time.sleep(1)"""), "0"),
+    # os.sync() hides its result: the raw calls return -1, EPERM (sync, syncfs)
+    ("sync_stalls_host_io", ("seccomp",), {"ok"}, "=[-1, 1, -1, 1]", _p("""
+        import ctypes
+        def f(x):
+            libc = ctypes.CDLL(None, use_errno=True)
+            return [libc.syscall(162), ctypes.get_errno(), libc.syscall(306, 0), ctypes.get_errno()]"""), "0"),
+    # only the executor reports `internal` (a setup failure it saw): a frame claiming it is a crash
+    ("forge_internal", None, {"crash"}, "malformed result frame", _p("""
+        import json, os, struct
+        def f(x):
+            frame = json.dumps({'status': 'internal', 'value': None, 'error': 'Internal: forged'}).encode()
+            for fd in range(3, 64):
+                try:
+                    os.write(fd, struct.pack('>I', len(frame)) + frame)
+                except OSError:
+                    pass
+            return 1"""), "0"),
     ("code_as_input", None, {"error"}, "InvalidInput", "def f(x):\n    return x", "__import__('os').system('touch /azr-exec-pwned')"),
 ]
 
@@ -933,16 +959,19 @@ def test_exec_determinism_check(ex):
 
 
 def test_exec_determinism_sees_clocks_time_zone_and_call_order(ex):
-    """The second run has its monotonic and boot clocks 11.7 days ahead, a time zone 13.5 h east, and takes a
-    job's inputs in reverse order: outputs derived from those differ even when rounded to a day or an hour."""
+    """The second run has its monotonic and boot clocks 11.7 days ahead, a time zone 13.5 h east, and runs each
+    input alone: outputs derived from those differ even when rounded to a day or an hour, and an output that
+    depends on the inputs before it is refused wherever it stands (the middle of an odd-length list too); the
+    first input, whose history is empty in both runs, is deterministic."""
     clocks = ["import time\ndef f(x):\n    return int(time.monotonic() // 86400)",
               "import time\ndef f(x):\n    return int(time.clock_gettime(time.CLOCK_BOOTTIME) // 3600)"]
     zone = ["import time\ndef f(x):\n    return time.localtime().tm_hour",
             "import datetime\ndef f(x):\n    return datetime.datetime.now().hour"]
     calls = "import math\ndef f(x):\n    math.azr_calls = getattr(math, 'azr_calls', 0) + 1\n    return math.azr_calls"
-    rs = ex.run_batch([(p, "0") for p in clocks + zone] + [(calls, ["1", "2", "3", "4"])], check_determinism=True)
+    rs = ex.run_batch([(p, "0") for p in clocks + zone] + [(calls, ["1", "2", "3"])], check_determinism=True)
     assert all(r.status == "error" and r.error.startswith("Nondeterministic") for r in rs[len(clocks):-1]), rs
-    assert all(r.status == "error" and r.error.startswith("Nondeterministic") for r in rs[-1]), rs[-1]
+    assert rs[-1][0] == Result("ok", "1", None), rs[-1]
+    assert all(r.status == "error" and r.error.startswith("Nondeterministic") for r in rs[-1][1:]), rs[-1]
     if ex.slots[0].probe.hello["clock"] != "offset":
         pytest.skip(f"no time namespace here: {ex.slots[0].probe.hello['clock']}")
     assert all(r.status == "error" and r.error.startswith("Nondeterministic") for r in rs[:len(clocks)]), rs
@@ -990,6 +1019,41 @@ def test_exec_batched_input_failure_never_changes_the_others(ex, world):
     assert [r.value for r in rs[::2]] == ["'aa'", "'bb'", "'cc'", "'dd'"]
     assert "status 3" in rs[1].error and "SIGSEGV" in rs[3].error
     _exec_assert_contained(ex, world, zygote_pids)
+
+
+def test_exec_stdio_flags_never_reach_a_later_task(ex):
+    """Every task has a /dev/null of its own: file status flags set on its stdio (they live in the open file,
+    shared by every dup of it) are gone for the next tasks, on both workers."""
+    flags = "os.O_NONBLOCK | os.O_APPEND"
+    set_flags = _p(f"""
+        import fcntl, os
+        def f(x):
+            for fd in (0, 1, 2):
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | {flags})
+            return fcntl.fcntl(1, fcntl.F_GETFL) & ({flags})""")
+    get_flags = f"import fcntl, os\ndef f(x):\n    return [fcntl.fcntl(fd, fcntl.F_GETFL) & ({flags}) for fd in (0, 1, 2)]"
+    assert [ex.run(set_flags, "0") for _ in range(2)] == [Result("ok", str(os.O_NONBLOCK | os.O_APPEND), None)] * 2
+    assert [ex.run(get_flags, "0") for _ in range(4)] == [Result("ok", "[0, 0, 0]", None)] * 4
+
+
+def test_exec_interrupted_job_never_confuses_the_next(ex_ns):
+    """A job interrupted in the trainer (Ctrl-C, a signal handler that raises) restarts its zygote: the verdict it
+    would still send is never taken for the next job's, which gets its own right result."""
+    class Interrupt(BaseException):
+        pass
+
+    def interrupt(*_):
+        raise Interrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Interrupt):
+            ex_ns.run("import time\ndef f(x):\n    time.sleep(1)\n    return x", "1")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert ex_ns.run("import time\ndef f(x):\n    time.sleep(1.5)\n    return x", "2") == Result("ok", "2", None)
 
 
 def test_exec_batched_inputs_timed_one_by_one(ex_ns):
