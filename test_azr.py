@@ -2667,6 +2667,7 @@ assert all(p.grad is None for p in policy.trainable.parameters())
 if world[0] == 0:
     torch.save(state, sys.argv[2])
 if world[1] > 1:
+    torch.distributed.barrier()  # as azr.main does: a rank that tears gloo down while rank 0 still saves can abort
     torch.distributed.destroy_process_group()
 """
 
