@@ -1300,6 +1300,11 @@ def init_distributed(cfg):
     return dist.get_rank(), dist.get_world_size()
 
 
+def step_flops(n_params, metrics):
+    """Model FLOPs of one step: forward + backward (6N) per trained token, forward (2N) per generated one."""
+    return 6 * n_params * metrics["trained_tokens"] + 2 * n_params * metrics["generated_tokens"]
+
+
 def peak_flops(cfg):
     if cfg.peak_tflops:
         return cfg.peak_tflops * 1e12
@@ -1375,8 +1380,7 @@ def train(cfg):
             metrics = azr_step(step, policy, optimizer, executor, buffers, cfg, rng, world, log)
             metrics["time/step"] = time.perf_counter() - t0
             if flops_peak:
-                flops = 6 * n_params * metrics["trained_tokens"] + 2 * n_params * metrics["generated_tokens"]
-                metrics["mfu"] = flops / (metrics["time/step"] * flops_peak)
+                metrics["mfu"] = step_flops(n_params, metrics) / (metrics["time/step"] * flops_peak)
             if cfg.eval_every and step % cfg.eval_every == 0:
                 t0 = time.perf_counter()
                 metrics.update(evaluate_cruxeval(policy, executor, cfg.eval_data, cfg.eval_limit,

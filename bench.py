@@ -2,7 +2,7 @@
 prints a markdown table; `--record` appends it to BENCHMARKS.md with the machine and date.
 
     python bench.py executor   # executions/s, p50/p95: executor vs `python -I -S -c` per task vs a bare fork floor
-    python bench.py sampler    # tokens/s: model.generate vs transformers' generate; batch-1 decode bandwidth
+    python bench.py sampler    # Sampler vs transformers' generate: protocol, AZR replay, real weights, sm_90 build
     python bench.py kernel     # fwd+bwd time and memory: fused logprob kernel vs naive PyTorch (and Liger)
     python bench.py step       # one full AZR step split into generate / execute / train
     python bench.py gpu        # every CUDA path once against a reference (VERDICT lines), then its figures
@@ -283,6 +283,13 @@ def qwen25_3b_config() -> M.ModelConfig:
                          tie_word_embeddings=True, max_position_embeddings=32768, eos_token_id=151643)
 
 
+def qwen25_05b_config() -> M.ModelConfig:
+    """Qwen2.5-0.5B's shape for a step with the byte tokenizer (its EOS id 256), on random weights."""
+    return M.ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                         num_kv_heads=2, head_dim=64, rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True,
+                         eos_token_id=256)
+
+
 def random_model(config, device, dtype, seed=0, std=0.02):
     """Random weights made on the device itself (no CPU copy of a 3B model). std 0.02 is a real model's scale; a
     numerical check wants larger (0.05-0.1), or attention is too flat to show an indexing bug."""
@@ -319,13 +326,9 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def kv_bytes_per_token(config, dtype) -> int:
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
-
-
 def pool_gib(config, dtype, blocks) -> float:
     """kv_cache_gib that gives a Sampler exactly this many blocks."""
-    return blocks * M.BLOCK_SIZE * kv_bytes_per_token(config, dtype) / 2 ** 30
+    return blocks * M.BLOCK_SIZE * M.kv_bytes_per_token(config, dtype) / 2 ** 30
 
 
 def run_ours(sampler, prompts, max_new, temperature, n=1):
@@ -411,6 +414,20 @@ def decode_rate(fn, short, long, repeats):
     return (t2 - t1) / (long - short)
 
 
+def batch1_decode(model, prompt, repeats):
+    """Batch-1 greedy decode on a Sampler of its own: seconds per token (graphs captured by a warm-up run), and
+    the bytes one step reads: the weights (of an untied embedding only the one row) and the KV at the mean
+    context of the timed runs, 805 tokens."""
+    dtype = model.embed_tokens.weight.dtype
+    one = M.Sampler(model, kv_cache_gib=pool_gib(model.config, dtype, 8), max_batch_size=1)
+    run_ours(one, prompt, [1000], 0.0)  # warm-up: every graph bucket of the timed runs
+    spt = decode_rate(lambda m: run_ours(one, prompt, [m], 0.0), 600, 1000, repeats)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
+    if not model.config.tie_word_embeddings:
+        weights -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return spt, weights + M.kv_bytes_per_token(model.config, dtype) * 805
+
+
 def throughput_table(runs):
     """runs: (label, seconds, tokens) with ours first; tokens/s and the ratio of ours to each other engine."""
     rows = ["| engine | generated tokens | seconds | tokens/s |", "|---|---|---|---|"]
@@ -437,7 +454,7 @@ def bench_replay(model, dtype, n_prompts, n, cap, budgets_gib, hf_prompts, hf_ba
     old sampler's slot count at the paper's lengths applies), and on transformers (a twin made here, and freed
     before our default pool is sized) for its first hf_prompts."""
     prompts, lengths = replay(n_prompts, n, cap, vocab)
-    c, q3b = model.config, kv_bytes_per_token(qwen25_3b_config(), torch.bfloat16)
+    c, q3b = model.config, M.kv_bytes_per_token(qwen25_3b_config(), torch.bfloat16)
     lines = [f"{n_prompts} prompts of 300-3000 tokens, n={n}, response lengths log-normal (median "
              f"{REPLAY_MEDIAN * cap / REPLAY_CAP:.0f}, sigma {REPLAY_SIGMA}) capped at {cap}: mean "
              f"{statistics.mean(lengths):.0f}, max {max(lengths)}, {sum(x == cap for x in lengths)} at the cap; "
@@ -558,21 +575,14 @@ def bench_sampler(argv: list[str]) -> str:
                   *throughput_table([("Sampler.generate (graphs captured by a warm-up call)", t_ours, n_ours),
                                      (f"transformers generate (batches of {args.hf_batch})", t_hf, n_hf)]), ""]
         del sampler
-        dtype = model.embed_tokens.weight.dtype
-        one = M.Sampler(model, kv_cache_gib=pool_gib(model.config, dtype, 8), max_batch_size=1)
-        run_ours(one, prompt, [1000], 0.0)
-        ours = decode_rate(lambda m: run_ours(one, prompt, [m], 0.0), 600, 1000, repeats)
-        params = sum(p.numel() * p.element_size() for p in model.parameters())  # tied weights counted once
-        if not model.config.tie_word_embeddings:
-            params -= model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()  # 1 row read
-        kv = kv_bytes_per_token(model.config, dtype) * 805  # at the mean context
+        ours, step_bytes = batch1_decode(model, prompt, repeats)
         peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None) if cuda else None
         lines += ["| batch-1 decode | tokens/s | achieved bandwidth | of peak |", "|---|---|---|---|"]
         for label, spt in (("Sampler.generate", ours), ("transformers generate", theirs)):
-            bw = (params + kv) / spt
+            bw = step_bytes / spt
             lines.append(f"| {label} | {1 / spt:.0f} | {bw / 1e9:.3g} GB/s | {f'{bw / peak:.0%}' if peak else 'n/a'} |")
         lines += [f"\nbatch-1 ratio: {theirs / ours:.1f}x; bytes per step = weights + KV at the mean context", ""]
-        del model, one
+        del model
     if "replay" in parts:  # full size: 64 prompts, n=8, up to 8,096 tokens; pools in GiB of 3B-sized KV (0: default)
         if cuda:
             model = random_model(qwen25_3b_config(), device, torch.bfloat16)
@@ -750,10 +760,8 @@ def bench_step(argv):
                      max_response_tokens=args.max_response_tokens or (1024 if cuda else 32),
                      max_prompt_tokens=4096, seed_file=str(SEED_FILE), save_every=0)
     if cuda:
-        shape = M.ModelConfig(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-                            num_kv_heads=2, head_dim=64, rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True,
-                            eos_token_id=256)
-        model, tokenizer = random_model(shape, torch.device("cuda"), torch.float32).train(), M.byte_tokenizer()
+        model = random_model(qwen25_05b_config(), torch.device("cuda"), torch.float32).train()
+        tokenizer = M.byte_tokenizer()
         name = "Qwen2.5-0.5B-shaped"
     else:
         (model, tokenizer), name = M.load_model("tiny"), "tiny"
@@ -910,10 +918,9 @@ def check_sampler(dry):
     g = random.Random(0)
     prompts = [[g.randrange(1024) for _ in range(g.randint(5, 40 if dry else 700))] for _ in range(6 if dry else 24)]
     limits = [g.randint(4, 24 if dry else 600) for _ in prompts]
-    per_block = M.BLOCK_SIZE * kv_bytes_per_token(config, dtype) / 2 ** 30
     # a pool of a few blocks per running sequence and a small batch cap: refills, bucket changes and preemptions
     page = 16 if dry else M.BLOCK_SIZE
-    per_block *= page / M.BLOCK_SIZE
+    per_block = page * M.kv_bytes_per_token(config, dtype) / 2 ** 30
     sampler = M.Sampler(model, kv_cache_gib=per_block * (6 if dry else 24), block_size=page,
                         max_batch_size=4 if dry else 16)
     mean_err, max_err, stats = sampler_logprob_error(sampler, prompts, 2, limits)
@@ -937,12 +944,8 @@ def check_sampler(dry):
     copy_bw = 2 * 2 ** 30 * 10 / (time.perf_counter() - t)  # each copy reads and writes the GiB
     del x, y
     model = random_model(qwen25_3b_config(), device, torch.bfloat16)
-    one = M.Sampler(model, kv_cache_gib=pool_gib(model.config, torch.bfloat16, 8), max_batch_size=1)
-    prompt = [[1, 2, 3, 4, 5]]
-    run_ours(one, prompt, [1000], 0.0)  # warm-up: every graph bucket of the timed runs
-    spt = decode_rate(lambda m: run_ours(one, prompt, [m], 0.0), 600, 1000, 1)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    bw = (weights + kv_bytes_per_token(model.config, torch.bfloat16) * 805) / spt
+    spt, step_bytes = batch1_decode(model, [[1, 2, 3, 4, 5]], 1)
+    bw = step_bytes / spt
     rows = ["| batch-1 greedy decode, Qwen2.5-3B-shaped bf16 | tokens/s | bandwidth | of copy bandwidth |",
             "|---|---|---|---|", f"| Sampler.generate | {1 / spt:.0f} | {bw / 1e9:.0f} GB/s | {bw / copy_bw:.0%} |",
             f"\nmeasured device copy bandwidth {copy_bw / 1e9:.0f} GB/s (1 GiB read + written)"]
@@ -982,7 +985,8 @@ def check_memory(dry):
         ok, failure = True, ""
     except torch.OutOfMemoryError as e:
         ok, failure = False, f"; OOM after {', '.join(phases) or 'nothing'}: {str(e).splitlines()[0][:200]}"
-    pool = policy.sampler.stats.get("num_blocks", 0) * policy.sampler.block_bytes / 2 ** 30
+    cache = policy.sampler.cache  # sized at creation on CUDA, so known after an OOM too
+    pool = cache.num_blocks * policy.sampler.block_bytes / 2 ** 30 if cache is not None else 0.0
     cuda = not dry
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else 0.0
     held = torch.cuda.max_memory_reserved() / 2 ** 30 if cuda else 0.0  # CUDA-graph pools included
@@ -1092,9 +1096,7 @@ def check_step(dry):
     rows = ["| model | generate s | execute s | train s | step s | gen tok/s | MFU | clip fraction | max abs dlogp |",
             "|---|---|---|---|---|---|---|---|---|"]
     verdicts, figures = [], {}
-    shapes = [("tiny", None)] + ([] if dry else [("Qwen2.5-0.5B-shaped", M.ModelConfig(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14, num_kv_heads=2,
-        head_dim=64, rope_theta=1e6, qkv_bias=True, tie_word_embeddings=True, eos_token_id=256))])
+    shapes = [("tiny", None)] + ([] if dry else [("Qwen2.5-0.5B-shaped", qwen25_05b_config())])
     for name, shape in shapes:
         cfg = azr.Config(model="tiny", device=device, steps=1, batch_size=4 if dry else 32,
                          n_learnability=2 if dry else 8, max_response_tokens=32 if dry else 512,
@@ -1118,9 +1120,8 @@ def check_step(dry):
             t0 = time.perf_counter()
             m = azr.azr_step(1, policy, optimizer, ex, buffers, cfg, random.Random(0))
             step_s = time.perf_counter() - t0
-        n_params = sum(p.numel() for p in model.parameters())
-        peak = _peak_flops(device)
-        mfu = (6 * n_params * m["trained_tokens"] + 2 * n_params * m["generated_tokens"]) / (step_s * peak) if peak else None
+        peak = azr.peak_flops(cfg)
+        mfu = azr.step_flops(sum(p.numel() for p in model.parameters()), m) / (step_s * peak) if peak else None
         health = [m["clip_fraction"], m["max_abs_log_ratio"], m["loss"], m["grad_norm"]]
         ok = all(math.isfinite(x) for x in health)
         verdicts.append((f"step.{'tiny' if shape is None else 'qwen2.5-0.5b'}", ok, f"{name}: {step_s:.1f} s, loss {m['loss']:.3g}, "
@@ -1134,13 +1135,6 @@ def check_step(dry):
         if not dry:
             torch.cuda.empty_cache()
     return verdicts, "\n".join(rows), figures
-
-
-def _peak_flops(device):
-    if device != "cuda":
-        return 0.0
-    name = torch.cuda.get_device_name()
-    return next((tf * 1e12 for key, tf in (("H200", 989), ("H100", 989), ("A100", 312)) if key in name), 0.0)
 
 
 # name -> (check, seconds it may take on the GPU, compilation included), most telling first; a check also stops

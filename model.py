@@ -3,8 +3,9 @@
 The decoder reproduces transformers' Qwen2ForCausalLM / Qwen3ForCausalLM / LlamaForCausalLM and keeps their
 parameter names, so Hugging Face checkpoints load as they are; the architecture differences are data
 (ModelConfig), not subclasses.
-`generate` samples from the very model object the trainer optimises (SPEC section 6 needs the sampler's
-logprobs under the trainer's temperature): no weight copy, no second engine.
+`Sampler` (kept by the trainer across steps; `generate` is its one-shot form) samples from the trainer's own
+weights, or on GPUs from a bf16 copy azr refreshes in place after each update (SPEC section 6 needs the
+sampler's logprobs under the trainer's temperature): no second engine.
 """
 import json
 import math
@@ -544,7 +545,7 @@ class Sampler:
         # an fp32 model run under autocast computes (and caches keys/values) in the autocast dtype
         self.dtype = torch.get_autocast_dtype(w.device.type) if torch.is_autocast_enabled(w.device.type) else w.dtype
         c = model.config
-        self.block_bytes = 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * self.dtype.itemsize
+        self.block_bytes = block_size * kv_bytes_per_token(c, self.dtype)
         with torch.inference_mode():  # decode state per row: last token, its position, sample id, tokens so far
             self.tok, self.pos, self.sid, self.step = (torch.zeros(max_batch_size, dtype=torch.long,
                                                                    device=self.device) for _ in range(4))
@@ -613,8 +614,8 @@ class Sampler:
                              "temperature >= 0, 0 < top_p <= 1 and max_batch_size >= 1")
         bs = self.block_size
         longest = max(len(prompts[k // n]) + m for k, m in enumerate(limits))
-        self._ensure_table(_cdiv(longest + SYNC_EVERY, bs))
         one = _cdiv(longest + SYNC_EVERY, bs)
+        self._ensure_table(one)
         if self.grows:  # each prompt's full blocks once, every sample's own tail up to its limit; half the free RAM
             need = sum(len(p) // bs for p in prompts) + sum(
                 _cdiv(len(prompts[k // n]) + m + SYNC_EVERY, bs) - len(prompts[k // n]) // bs
@@ -639,6 +640,11 @@ class Sampler:
         if self.device.type == "cuda":  # hand prefill and sampling temporaries back before the trainer allocates
             torch.cuda.empty_cache()
         return samples
+
+
+def kv_bytes_per_token(config, dtype) -> int:
+    """KV cache bytes one token takes: a key and a value per kv head in every layer."""
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * dtype.itemsize
 
 
 class _Seq:

@@ -1445,8 +1445,8 @@ def _model_sampler_setup(seed=3):
 
 
 def _model_pool_gib(model, blocks, block_size=16):
-    c = model.config  # keys and values of every layer, fp32
-    return blocks * 2 * c.num_layers * block_size * c.num_kv_heads * c.head_dim * 4 / 2 ** 30
+    """kv_cache_gib that gives an fp32 Sampler exactly this many blocks."""
+    return blocks * block_size * M.kv_bytes_per_token(model.config, torch.float32) / 2 ** 30
 
 
 def _model_assert_logprobs_match_full_forward(model, tok, prompts, samples, n):

@@ -12,8 +12,8 @@
 #   3B  (Qwen2.5-Coder-3B): fits with room to spare; MICRO_BATCH_TOKENS=32768 is faster.
 #   7B  (Qwen2.5-7B, Qwen2.5-Coder-7B, Llama-3.1-8B): fits with the defaults.
 #   14B (Qwen2.5-14B, Qwen2.5-Coder-14B): the full fp32 load (59 GB) is the peak, then 7 GB of shards plus a
-#       30 GB sampling copy remain; use MICRO_BATCH_TOKENS=8192, and MAX_RESPONSE_TOKENS=4096 if the KV cache
-#       leaves too few sampling slots. Not measured here.
+#       30 GB sampling copy remain; use MICRO_BATCH_TOKENS=8192 (it also shrinks the update's reserve, which
+#       leaves more room for the paged KV pool; --kv-cache-gib sets the pool). Not measured here.
 # Without SEED_FILE the base model first seeds 256 tasks per buffer (paper Sec. 3.3.1); upstream's released
 # seeds are in its repository under data/ (*_seed_io.jsonl and *_code_f_seed_io.jsonl side by side).
 set -euo pipefail
