@@ -2171,7 +2171,7 @@ def test_check_proposals_runs_rules_4_and_5_in_the_sandbox(azr_executor):
     wrap = lambda code, i: f"```python\n{code}\n```\n```input\n{i}\n```"  # noqa: E731
     texts = [("deduction", wrap("def f(a):\n    return sorted(a)[::-1]", "[3, 1, 2]"), {}),
              ("abduction", wrap("def f(a):\n    return list({str(x) for x in range(a)})", "30"), {}),  # hash order
-             ("deduction", wrap("def f(a):\n    return id(object()) % 1000 + a", "1"), {}),            # id()
+             ("deduction", wrap("def f(a):\n    return id(object()) + a", "1"), {}),  # id(); ids mod 1000 can agree
              ("deduction", wrap("def f(a):\n    return 'x' * a", "500"), {}),                          # too long
              ("deduction", wrap("def f(a):\n    return 1 / a", "0"), {}),                              # raises
              ("induction", "".join(f"```input\n{i}\n```\n" for i in range(10)) + "```message\nm\n```",
