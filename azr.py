@@ -760,7 +760,7 @@ class Policy:
         try:
             self.sampler = Sampler(self.sampling_model, kv_cache_gib=cfg.kv_cache_gib or None,
                                    reserve_gib=trainer_reserve_gib(model, cfg, self.size) if trains else 0.0)
-        except (RuntimeError, ValueError) as e:  # the pool does not fit: say it in the flags' words
+        except (torch.OutOfMemoryError, ValueError) as e:  # the pool does not fit: say it in the flags' words
             raise SystemExit(f"error: no room for the sampler's KV pool ({e}); set --kv-cache-gib, or lower "
                              f"--micro-batch-tokens (the update's reserve) or the model size") from None
 

@@ -576,7 +576,7 @@ class Sampler:
                                 * splits)
         blocks = int((free - reserve_gib * 2 ** 30 - prefill - rows - max(2 ** 30, free // 20)) // self.block_bytes)
         if blocks < 1:
-            raise RuntimeError(f"no GPU memory left for a KV pool ({free / 2 ** 30:.1f} GiB free, {reserve_gib} GiB "
+            raise ValueError(f"no GPU memory left for a KV pool ({free / 2 ** 30:.1f} GiB free, {reserve_gib} GiB "
                                f"reserved): lower reserve_gib or max_batch_size, or pass kv_cache_gib")
         return blocks
 
