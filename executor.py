@@ -491,6 +491,18 @@ def _write_all(fd, data: bytes):
         data = data[os.write(fd, data):]
 
 
+def _drain(fd) -> bytes:
+    """Everything in a pipe now, without waiting for more (or for EOF: a grandchild may hold the write end)."""
+    os.set_blocking(fd, False)
+    buf = b""
+    try:
+        while chunk := os.read(fd, _FRAME_CAP):
+            buf += chunk
+    except BlockingIOError:
+        pass
+    return buf
+
+
 def _split_frames(buf: bytes) -> tuple[list[bytes], bytes]:
     """The complete frames at the start of `buf` and the rest; ValueError on a frame over the cap."""
     frames = []
@@ -812,13 +824,7 @@ class _Zygote:
         os.close(job_w)
         self.hand(task, [job_r, result_w], 1)
         self.supervise(task, 1)
-        buf = b""
-        os.set_blocking(result_r, False)
-        try:
-            while chunk := os.read(result_r, _FRAME_CAP):
-                buf += chunk
-        except BlockingIOError:
-            pass
+        buf = _drain(result_r)
         os.close(result_r)
         _kill_task(task.pid)  # if the deadline passed
         setup = self.setup_failure(task)
@@ -1382,12 +1388,7 @@ class _ZygoteProcess:
                     else:
                         verdict = (*struct.unpack("<Bi", msg[:5]), msg[5:])
         if verdict is not None and len(frames) < n and failure is None:
-            os.set_blocking(result_r, False)  # what the child wrote before it ended is all in the pipe
-            try:
-                while chunk := os.read(result_r, _FRAME_CAP):
-                    buf += chunk
-            except BlockingIOError:
-                pass
+            buf += _drain(result_r)  # what the child wrote before it ended is all in the pipe
             try:
                 frames += _split_frames(buf)[0]
             except ValueError as e:
