@@ -203,12 +203,17 @@ def _exec_idle(executor) -> bool:
     return not _exec_strays(executor) and all(not any(_exec_task_root(z).iterdir()) for z in _exec_zygotes(executor))
 
 
+def _exec_wait(cond, tries=500):
+    """Poll `cond` every 10 ms, at most `tries` times; the caller asserts what it needs afterwards."""
+    for _ in range(tries):
+        if cond():
+            return
+        select.select([], [], [], 0.01)
+
+
 def _exec_assert_contained(executor, world, zygote_pids):
     """Zygotes answer before they clean up, and clean up before their next task: wait for that."""
-    for _ in range(500):
-        if _exec_idle(executor):
-            break
-        select.select([], [], [], 0.01)
+    _exec_wait(lambda: _exec_idle(executor))
     canary = Path(world["canary"])
     assert sorted(os.listdir(canary)) == ["keep.txt"] and (canary / "keep.txt").read_text() == "keep"
     assert not Path("/azr-exec-pwned").exists()
@@ -617,10 +622,7 @@ def test_exec_no_earlier_task_data_in_zygote_or_later_tasks(ex):
     z = ex.slots[0].canonical
     zygote = _exec_zygote_pid(z)
     children = Path(f"/proc/{zygote}/task/{zygote}/children")
-    for _ in range(300):
-        if children.read_text().split():
-            break
-        select.select([], [], [], 0.01)
+    _exec_wait(lambda: children.read_text().split(), 300)
     scanned = {zygote: _exec_scan_memory(zygote, marker.encode())}
     for kid in map(int, children.read_text().split()):
         try:
@@ -739,10 +741,7 @@ def test_exec_trainer_that_dies_leaves_nothing():
         pytest.skip("without a private root the dead trainer's empty base dir stays (nobody is left to remove it)")
     stat = Path(f"/proc/{report['pid']}/stat")
     gone = lambda: not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # noqa: E731
-    for _ in range(300):
-        if gone():
-            break
-        select.select([], [], [], 0.01)
+    _exec_wait(gone, 300)
     assert gone(), "the zygote outlived its trainer"
     assert not Path(report["base"]).exists()
 
@@ -886,10 +885,8 @@ def test_exec_cleanup_without_layers_and_close_leaves_nothing(world):
         hold = _EXEC_TREE.replace("    return locked", "    import time\n    time.sleep(4)\n    return locked")
         t = threading.Thread(target=lambda: box.append(executor.run(hold, repr(world["canary"]))))
         t.start()
-        for _ in range(500):  # the tree is built, the task sleeps on it
-            if any(base.glob("*/d/d/d")) and len(list(base.glob("*/wide/*"))) > 400:
-                break
-            select.select([], [], [], 0.01)
+        # the tree is built, the task sleeps on it
+        _exec_wait(lambda: any(base.glob("*/d/d/d")) and len(list(base.glob("*/wide/*"))) > 400)
         select.select([], [], [], 0.3)
         executor.slots[0].canonical.proc.kill()
         t.join()
@@ -1080,19 +1077,15 @@ def test_exec_killed_zygote_is_internal_then_recovers(world):
         launched = executor.slots[0].canonical.proc.pid
         zygote = _exec_zygote_pid(executor.slots[0].canonical)
         children = Path(f"/proc/{zygote}/task/{zygote}/children")
-        for _ in range(500):
-            if children.exists() and children.read_text().split():
-                break
-            select.select([], [], [], 0.01)
+        _exec_wait(lambda: children.exists() and children.read_text().split())
         task = int(children.read_text().split()[0])
         os.kill(zygote, signal.SIGKILL)
         t.join()
         assert box[0].status == "internal", box
-        for _ in range(200):  # the task dies of its parent-death signal (and with its PID namespace)
-            if not Path(f"/proc/{task}").exists() or "Z" in Path(f"/proc/{task}/stat").read_text().split()[2]:
-                break
-            select.select([], [], [], 0.01)
-        assert not Path(f"/proc/{task}").exists() or Path(f"/proc/{task}/stat").read_text().split()[2] == "Z"
+        # the task dies of its parent-death signal (and with its PID namespace)
+        dead = lambda: not Path(f"/proc/{task}").exists() or Path(f"/proc/{task}/stat").read_text().split()[2] == "Z"  # noqa: E731
+        _exec_wait(dead, 200)
+        assert dead()
         assert executor.run("def f(x):\n    return x * 2", "21") == Result("ok", "42", None)
         assert executor.slots[0].canonical.proc.pid != launched
 
