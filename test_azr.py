@@ -34,6 +34,7 @@ SHARED_DATA = next((p / "shared" / "data" for p in REPO.parents if (p / "shared"
 SEED_SAMPLE = REPO / "data" / "sample_seed_io.jsonl"  # travels with the repository (data/README.md)
 
 import azr  # noqa: E402
+import executor as executor_module  # noqa: E402
 import kernels  # noqa: E402
 import model as M  # noqa: E402
 from executor import Executor, Result, parse_args, parse_value, values_equal  # noqa: E402
@@ -212,8 +213,12 @@ def _exec_wait(cond, tries=500):
 
 
 def _exec_assert_contained(executor, world, zygote_pids):
-    """Zygotes answer before they clean up, and clean up before their next task: wait for that."""
-    _exec_wait(lambda: _exec_idle(executor))
+    """Zygotes answer before they clean up, and clean up before their next task: wait for that. Twice, more
+    than a spare child's idle life apart: without isolating layers a worker forks the spare only after the
+    cleanup, so for an instant in between it looks idle."""
+    for _ in range(2):
+        _exec_wait(lambda: _exec_idle(executor))
+        select.select([], [], [], 4 * executor_module._IDLE_S)
     canary = Path(world["canary"])
     assert sorted(os.listdir(canary)) == ["keep.txt"] and (canary / "keep.txt").read_text() == "keep"
     assert not Path("/azr-exec-pwned").exists()
