@@ -627,13 +627,16 @@ def test_exec_no_earlier_task_data_in_zygote_or_later_tasks(ex):
     z = ex.slots[0].canonical
     zygote = _exec_zygote_pid(z)
     children = Path(f"/proc/{zygote}/task/{zygote}/children")
-    _exec_wait(lambda: children.read_text().split(), 300)
     scanned = {zygote: _exec_scan_memory(zygote, marker.encode())}
-    for kid in map(int, children.read_text().split()):
-        try:
-            scanned[kid] = _exec_scan_memory(kid, marker.encode())
-        except OSError:
-            pass  # ended meanwhile
+
+    def scan_children():  # until one is caught alive: a spare may be retired between listing and scanning
+        for kid in set(map(int, children.read_text().split())) - set(scanned):
+            try:
+                scanned[kid] = _exec_scan_memory(kid, marker.encode())
+            except OSError:
+                pass  # ended meanwhile
+        return len(scanned) >= 2
+    _exec_wait(scan_children, 300)
     later.join()
     assert box == [Result("ok", "1", None)]
     assert len(scanned) >= 2, "no task child was scanned"
